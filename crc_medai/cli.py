@@ -1,0 +1,136 @@
+"""The ``crc-medai`` command: services, producers, the local stack and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crc_medai.errors import CrcMedAiError
+from crc_medai.logs import configure_logging
+from crc_medai.settings import REPO_ROOT, get_settings
+
+logger = logging.getLogger("crc_medai")
+
+SERVICES = ("detection", "prognosis", "fhir-consumer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with one subcommand per task."""
+    parser = argparse.ArgumentParser(prog="crc-medai", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stack = commands.add_parser("stack", help="provision, start, stop or inspect the local Kafka, MinIO and Redis")
+    stack.add_argument("action", choices=["up", "down", "status"])
+
+    for service in SERVICES:
+        commands.add_parser(service, help=f"run the {service} service (a Faust worker) until stopped")
+
+    frames = commands.add_parser("produce-frames", help="publish a video's frames on the frames topic")
+    frames.add_argument("video", type=Path)
+    frames.add_argument("--procedure-id", required=True, help="stream key, a pseudonymous procedure id")
+    frames.add_argument("--fast", action="store_true", help="publish as fast as possible instead of at the video's fps")
+    frames.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    frames.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
+
+    records = commands.add_parser("produce-records", help="publish FHIR R4 Bundle files on the patient-records topic")
+    records.add_argument("paths", type=Path, nargs="+", help="Bundle JSON files or folders of them")
+
+    demo = commands.add_parser("demo", help="run the whole pipeline on the sample video and records")
+    demo.add_argument("--video", type=Path, default=REPO_ROOT / "samples" / "video" / "procedure-demo.mp4")
+    demo.add_argument("--records", type=Path, default=REPO_ROOT / "samples" / "records")
+    demo.add_argument("--fast", action="store_true", help="publish frames as fast as possible")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
+
+    schemas = commands.add_parser("schemas", help="export the JSON Schema of every message")
+    schemas.add_argument("--out", type=Path, default=REPO_ROOT / "schemas" / "json")
+    return parser
+
+
+def run_service(name: str) -> int:
+    """Run one service's Faust worker in the foreground."""
+    from faust.worker import Worker
+
+    settings = get_settings()
+    logger.info("starting service=%s settings=%s", name, json.dumps(settings.public_dump()))
+    if name == "detection":
+        from processors.detection.agent import build_app
+    elif name == "prognosis":
+        from processors.prognosis.agent import build_app
+    else:
+        from consumers.fhir_consumer import build_app
+
+    asyncio.run(_ensure_topics(settings))
+    app = build_app(settings)
+    worker = Worker(app, loglevel=logging.getLevelName(logging.getLogger().level).lower(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+async def _ensure_topics(settings) -> None:  # noqa: ANN001
+    from crc_medai.kafka import ensure_topics
+
+    await ensure_topics(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``crc-medai`` console script."""
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except CrcMedAiError as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args.command``."""
+    settings = get_settings()
+    if args.command == "stack":
+        from infra.stack import main as stack_main
+
+        return stack_main([args.action])
+    if args.command in SERVICES:
+        return run_service(args.command)
+    if args.command == "produce-frames":
+        from producers.frames import publish_video
+
+        summary = asyncio.run(
+            publish_video(
+                settings,
+                args.video,
+                args.procedure_id,
+                realtime=not args.fast,
+                max_frames=args.max_frames,
+                jpeg_quality=args.jpeg_quality,
+            )
+        )
+        print(json.dumps(summary.__dict__))
+        return 0
+    if args.command == "produce-records":
+        from producers.records import publish_records
+
+        summary = asyncio.run(publish_records(settings, args.paths))
+        print(json.dumps({"published": summary.published, "rejected": summary.rejected}, indent=2))
+        return 0 if not summary.rejected else 1
+    if args.command == "demo":
+        from crc_medai.demo import run_demo
+
+        return run_demo(video=args.video, records=args.records, realtime=not args.fast, timeout_s=args.timeout)
+    if args.command == "schemas":
+        from schemas.export import export_json_schemas
+
+        for path in export_json_schemas(args.out):
+            print(path)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The main job: sample video and patient records in, FHIR resources out, over the real stack.
+
+The demo starts the local stack and the three services, publishes the sample
+video and Bundles under a topic prefix of its own, then reads back the result
+topics, checks the heatmap objects in MinIO and prints a summary built only
+from what came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from minio.error import S3Error
+
+from crc_medai.kafka import DEAD_LETTER_TOPICS, Record, collect_records, ensure_topics
+from crc_medai.services import start_service, stop_service
+from crc_medai.settings import Settings, get_settings
+from crc_medai.storage import create_minio
+from producers.frames import publish_video
+from producers.records import publish_records
+from schemas.messages import DetectionResult, FhirResourceEvent, PrognosisResult
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("detection", "prognosis", "fhir-consumer")
+RESULT_TOPICS = ("detections", "prognoses", "fhir-resources", *DEAD_LETTER_TOPICS)
+
+
+@dataclass
+class Results:
+    """What came back through Kafka for one run, parsed."""
+
+    detections: list[DetectionResult] = field(default_factory=list)
+    prognoses: list[PrognosisResult] = field(default_factory=list)
+    resources: list[FhirResourceEvent] = field(default_factory=list)
+    dead_letters: list[Record] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, records: list[Record], settings: Settings) -> Results:
+        """Sort records by topic and parse each into its message type."""
+        results = cls()
+        by_topic = {
+            settings.topic("detections"): (DetectionResult, results.detections),
+            settings.topic("prognoses"): (PrognosisResult, results.prognoses),
+            settings.topic("fhir-resources"): (FhirResourceEvent, results.resources),
+        }
+        for record in records:
+            if record.topic in by_topic:
+                message_type, target = by_topic[record.topic]
+                target.append(message_type.from_bytes(record.value))
+            else:
+                results.dead_letters.append(record)
+        return results
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A run of consecutive flagged frames, the way a reviewer would see one polyp."""
+
+    first_sequence: int
+    last_sequence: int
+    peak: DetectionResult
+
+
+def flagged_episodes(detections: list[DetectionResult], max_gap: int = 3) -> list[Episode]:
+    """Group flagged frames whose sequence numbers are at most ``max_gap`` apart."""
+    flagged = sorted((result for result in detections if result.flagged), key=lambda result: result.sequence)
+    episodes: list[Episode] = []
+    group: list[DetectionResult] = []
+    for result in flagged:
+        if group and result.sequence - group[-1].sequence > max_gap:
+            episodes.append(_episode(group))
+            group = []
+        group.append(result)
+    if group:
+        episodes.append(_episode(group))
+    return episodes
+
+
+def _episode(group: list[DetectionResult]) -> Episode:
+    peak = max(group, key=lambda result: result.polyp_probability)
+    return Episode(group[0].sequence, group[-1].sequence, peak)
+
+
+def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: float = 300.0) -> int:
+    """Run the main job end to end and print its summary; return 0 when every result came back."""
+    from infra.stack import ensure_up
+
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = get_settings()
+    run_dir = base.output_dir / f"demo-{run_id}"
+    settings = base.model_copy(update={"topic_prefix": f"demo-{run_id}.", "output_dir": run_dir})
+
+    print(f"CRC-MedAI demo run {run_id}: starting the local stack (first run downloads and builds it)...", flush=True)
+    ensure_up(settings)
+    asyncio.run(ensure_topics(settings))
+
+    processes = {name: start_service(name, settings, run_dir / "logs" / f"{name}.log") for name in SERVICES}
+    try:
+        summary = asyncio.run(_stream_and_collect(settings, video, records, realtime, timeout_s, processes))
+    finally:
+        for name, process in processes.items():
+            stop_service(process, name)
+
+    summary_path = run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print(render_summary(summary, settings, run_dir, summary_path))
+    return 0 if summary["complete"] else 1
+
+
+async def _stream_and_collect(
+    settings: Settings,
+    video: Path,
+    records: Path,
+    realtime: bool,
+    timeout_s: float,
+    processes: dict,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    record_summary = await publish_records(settings, [records])
+    print(f"published {len(record_summary.published)} patient record(s), rejected {len(record_summary.rejected)}")
+    print(f"streaming {video.name} {'at its frame rate' if realtime else 'as fast as possible'}...", flush=True)
+    frame_summary = await publish_video(settings, video, "proc-demo-0001", realtime=realtime)
+    print(f"published {frame_summary.frames_published} frames at {frame_summary.fps:.1f} fps")
+
+    expected_detections = frame_summary.frames_published
+    expected_prognoses = len(record_summary.published)
+
+    def complete(received: list[Record]) -> bool:
+        counts = Counter(record.topic for record in received)
+        detections = counts[settings.topic("detections")]
+        prognoses = counts[settings.topic("prognoses")]
+        if detections < expected_detections or prognoses < expected_prognoses:
+            return False
+        flagged = sum(
+            1
+            for record in received
+            if record.topic == settings.topic("detections") and DetectionResult.from_bytes(record.value).flagged
+        )
+        return counts[settings.topic("fhir-resources")] >= flagged + prognoses
+
+    def stopped_services() -> list[str]:
+        return [name for name, process in processes.items() if process.poll() is not None]
+
+    received = await collect_records(settings, RESULT_TOPICS, until=complete, timeout_s=timeout_s)
+    results = Results.parse(received, settings)
+    return build_summary(
+        settings,
+        results,
+        expected_detections=expected_detections,
+        expected_prognoses=expected_prognoses,
+        rejected_files=record_summary.rejected,
+        complete=complete(received),
+        stopped=stopped_services(),
+        seconds=time.monotonic() - started,
+    )
+
+
+def build_summary(
+    settings: Settings,
+    results: Results,
+    *,
+    expected_detections: int,
+    expected_prognoses: int,
+    rejected_files: dict[str, str],
+    complete: bool,
+    stopped: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """Build the run summary from parsed results and check every heatmap object in MinIO."""
+    minio = create_minio(settings)
+    episodes = flagged_episodes(results.detections)
+    heatmaps = [result for result in results.detections if result.heatmap_key]
+    missing_heatmaps = [result.heatmap_key for result in heatmaps if not _object_exists(minio, result)]
+    latencies = sorted(
+        (result.source_ts - result.captured_at).total_seconds() * 1000.0 for result in results.detections
+    )
+    return {
+        "complete": complete and not missing_heatmaps,
+        "seconds": round(seconds, 1),
+        "stopped_services": stopped,
+        "frames": {
+            "expected": expected_detections,
+            "processed": len(results.detections),
+            "flagged": sum(result.flagged for result in results.detections),
+            "latency_ms_p50": _percentile(latencies, 50),
+            "latency_ms_p95": _percentile(latencies, 95),
+            "model": results.detections[0].model.model_dump() if results.detections else None,
+        },
+        "polyp_episodes": [
+            {
+                "frames": f"{episode.first_sequence}-{episode.last_sequence}",
+                "peak_confidence": round(episode.peak.polyp_probability, 3),
+                "peak_frame": episode.peak.sequence,
+                "heatmap": f"s3://{episode.peak.heatmap_bucket}/{episode.peak.heatmap_key}",
+            }
+            for episode in episodes
+        ],
+        "heatmaps": {"stored": len(heatmaps) - len(missing_heatmaps), "missing": missing_heatmaps},
+        "prognoses": {
+            "expected": expected_prognoses,
+            "received": len(results.prognoses),
+            "patients": [
+                {
+                    "patient": result.patient_id,
+                    "recurrence_probability": round(result.recurrence_probability, 3),
+                    "horizon_years": result.horizon_years,
+                    "risk_group": result.risk_group,
+                    "top_contributions": [
+                        f"{item.label} = {item.display_value}: {item.contribution:+.3f}"
+                        for item in result.contributions[:3]
+                    ],
+                    "missing": result.missing_features,
+                }
+                for result in sorted(results.prognoses, key=lambda result: result.patient_id)
+            ],
+        },
+        "fhir_resources": dict(Counter(event.resource_type for event in results.resources)),
+        "dead_letters": [
+            {"topic": record.topic, "source": record.headers.get("crc-origin-source"), "error": record.headers.get("crc-error")}
+            for record in results.dead_letters
+        ],
+        "rejected_files": rejected_files,
+    }
+
+
+def _object_exists(minio, result: DetectionResult) -> bool:  # noqa: ANN001
+    try:
+        minio.stat_object(result.heatmap_bucket, result.heatmap_key)
+    except S3Error:
+        return False
+    return True
+
+
+def _percentile(values: list[float], percent: float) -> float | None:
+    if not values:
+        return None
+    index = min(len(values) - 1, max(0, round(percent / 100.0 * (len(values) - 1))))
+    return round(values[index], 1)
+
+
+def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, summary_path: Path) -> str:
+    """Render the summary as the text a user reads at the end of the demo."""
+    frames = summary["frames"]
+    lines = [
+        "",
+        "=== CRC-MedAI demo summary (built from the result topics, MinIO and the FHIR consumer) ===",
+        f"status: {'complete' if summary['complete'] else 'INCOMPLETE'} in {summary['seconds']} s",
+        f"frames processed: {frames['processed']}/{frames['expected']}, flagged: {frames['flagged']}, "
+        f"capture-to-result latency p50 {frames['latency_ms_p50']} ms, p95 {frames['latency_ms_p95']} ms",
+        f"detection model: {frames['model']}",
+        f"polyp episodes (consecutive flagged frames): {len(summary['polyp_episodes'])}",
+    ]
+    for episode in summary["polyp_episodes"]:
+        lines.append(
+            f"  frames {episode['frames']}: peak confidence {episode['peak_confidence']} "
+            f"at frame {episode['peak_frame']}, heatmap {episode['heatmap']}"
+        )
+    heatmaps = summary["heatmaps"]
+    lines.append(f"heatmaps in MinIO: {heatmaps['stored']} stored, {len(heatmaps['missing'])} missing")
+    prognoses = summary["prognoses"]
+    lines.append(f"recurrence risk: {prognoses['received']}/{prognoses['expected']} patients")
+    for patient in prognoses["patients"]:
+        lines.append(
+            f"  {patient['patient']}: {patient['recurrence_probability']:.1%} within "
+            f"{patient['horizon_years']:g} years ({patient['risk_group']} risk); "
+            + "; ".join(patient["top_contributions"])
+        )
+        if patient["missing"]:
+            lines.append(f"    missing from the record: {', '.join(patient['missing'])}")
+    lines.append(f"FHIR resources written: {summary['fhir_resources']}")
+    lines.append(f"dead-lettered: {len(summary['dead_letters'])}")
+    for dead in summary["dead_letters"]:
+        lines.append(f"  {dead['topic']} {dead['source'] or ''}: {dead['error']}")
+    if summary["stopped_services"]:
+        lines.append(f"services that stopped early: {summary['stopped_services']} (see their logs)")
+    lines += [
+        "where to find every output:",
+        f"  Kafka topics ({settings.kafka_bootstrap_servers}): {settings.topic('detections')}, "
+        f"{settings.topic('prognoses')}, {settings.topic('fhir-resources')}, {settings.topic('dlq.*')}",
+        f"  heatmaps: MinIO bucket {settings.heatmap_bucket} at http://{settings.minio_endpoint} "
+        f"(keys heatmaps/<procedure>/...)",
+        f"  FHIR resources: {run_dir / 'fhir'}",
+        f"  service logs: {run_dir / 'logs'}",
+        f"  this summary as JSON: {summary_path}",
+    ]
+    return "\n".join(lines)
