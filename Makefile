@@ -1,7 +1,7 @@
 # CRC-MedAI: `make demo` runs the main job, `make test` runs the whole test suite.
 # Both create the virtual environment and provision the local stack on first use.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 

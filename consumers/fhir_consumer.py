@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from consumers.resources import finding_observation, risk_observation
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
-from consumers.resources import finding_observation, risk_observation
 from processors.app import create_app, process_with_dead_letter, raw_topic
 from schemas.messages import DetectionResult, FhirResourceEvent, Message, PrognosisResult
 

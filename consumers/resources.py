@@ -49,7 +49,9 @@ def resource_id(kind: str, event_id: uuid.UUID) -> str:
 
 def finding_observation(result: DetectionResult) -> dict[str, Any]:
     """Build the polyp finding Observation of a flagged detection result."""
-    notes = [{"text": f"Polyp probability {result.polyp_probability:.3f} from {result.model.name} {result.model.version}."}]
+    notes = [
+        {"text": f"Polyp probability {result.polyp_probability:.3f} from {result.model.name} {result.model.version}."}
+    ]
     if result.heatmap_key:
         notes.append(
             {
@@ -71,7 +73,12 @@ def finding_observation(result: DetectionResult) -> dict[str, Any]:
         "focus": [{"identifier": {"system": PROCEDURE_IDENTIFIER_SYSTEM, "value": result.procedure_id}}],
         "effectiveDateTime": result.captured_at.isoformat(),
         "issued": result.source_ts.isoformat(),
-        "valueQuantity": {"value": round(result.polyp_probability, 4), "unit": "probability", "system": UCUM, "code": "1"},
+        "valueQuantity": {
+            "value": round(result.polyp_probability, 4),
+            "unit": "probability",
+            "system": UCUM,
+            "code": "1",
+        },
         "method": {"text": result.explanation_method or "U-Net polyp segmentation with presence head"},
         "note": notes,
     }

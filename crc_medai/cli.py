@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack = commands.add_parser("stack", help="provision, start, stop or inspect the local Kafka, MinIO and Redis")
     stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("options", nargs=argparse.REMAINDER, help="passed on, e.g. --only kafka, --json")
 
     for service in SERVICES:
         commands.add_parser(service, help=f"run the {service} service (a Faust worker) until stopped")
@@ -95,7 +96,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "stack":
         from infra.stack import main as stack_main
 
-        return stack_main([args.action])
+        return stack_main([args.action, *args.options])
     if args.command in SERVICES:
         return run_service(args.command)
     if args.command == "produce-frames":

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: fl
     """Run the main job end to end and print its summary; return 0 when every result came back."""
     from infra.stack import ensure_up
 
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     base = get_settings()
     run_dir = base.output_dir / f"demo-{run_id}"
     settings = base.model_copy(update={"topic_prefix": f"demo-{run_id}.", "output_dir": run_dir})
@@ -225,7 +225,11 @@ def build_summary(
         },
         "fhir_resources": dict(Counter(event.resource_type for event in results.resources)),
         "dead_letters": [
-            {"topic": record.topic, "source": record.headers.get("crc-origin-source"), "error": record.headers.get("crc-error")}
+            {
+                "topic": record.topic,
+                "source": record.headers.get("crc-origin-source"),
+                "error": record.headers.get("crc-error"),
+            }
             for record in results.dead_letters
         ],
         "rejected_files": rejected_files,

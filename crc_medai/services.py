@@ -50,7 +50,9 @@ def stop_service(process: subprocess.Popen[bytes], name: str = "service") -> int
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            logger.warning("service did not stop in %.0f s, killing service=%s pid=%d", STOP_TIMEOUT_S, name, process.pid)
+            logger.warning(
+                "service did not stop in %.0f s, killing service=%s pid=%d", STOP_TIMEOUT_S, name, process.pid
+            )
             process.kill()
             process.wait()
     logger.info("stopped service=%s pid=%d returncode=%s", name, process.pid, process.returncode)

@@ -31,7 +31,9 @@ def e2e_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> S
 
 @pytest.fixture(scope="module")
 def services(e2e_settings: Settings) -> Iterator[RunningServices]:
-    yield from running_services(e2e_settings, e2e_settings.output_dir / "logs", ("detection", "prognosis", "fhir-consumer"))
+    yield from running_services(
+        e2e_settings, e2e_settings.output_dir / "logs", ("detection", "prognosis", "fhir-consumer")
+    )
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
@@ -30,7 +30,9 @@ def sample_messages() -> list:
     now = utc_now()
     return [
         Frame(procedure_id="proc-1", sequence=3, captured_at=now, width=4, height=2, image=b"\xff\xd8\x00\x01jpeg"),
-        PatientRecord(patient_id="pt-0001", source_name="a.json", bundle={"resourceType": "Bundle", "type": "collection"}),
+        PatientRecord(
+            patient_id="pt-0001", source_name="a.json", bundle={"resourceType": "Bundle", "type": "collection"}
+        ),
         DetectionResult(
             frame_event_id=uuid.uuid4(),
             procedure_id="proc-1",
@@ -148,4 +150,4 @@ def test_event_ids_are_unique() -> None:
 
     assert first.event_id != second.event_id
     assert first.source_ts.tzinfo is not None
-    assert first.source_ts <= datetime.now(timezone.utc)
+    assert first.source_ts <= datetime.now(UTC)

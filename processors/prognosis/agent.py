@@ -11,10 +11,11 @@ import asyncio
 import logging
 import time
 
+from processors.prognosis.fhir_mapping import features_from_bundle
+
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.app import create_app, process_with_dead_letter, raw_topic
-from processors.prognosis.fhir_mapping import features_from_bundle
 from processors.prognosis.model import RecurrenceModel
 from schemas.messages import ModelRef, PatientRecord, PrognosisResult, utc_now
 
@@ -34,7 +35,7 @@ class RecordScorer:
         """Score one record; unmappable features are reported as missing, never invented."""
         started = time.perf_counter()
         mapped = features_from_bundle(record.bundle)
-        prediction = self.model.predict(mapped.features)
+        prediction = self.model.predict(mapped.features, mapped.missing)
         inference_ms = (time.perf_counter() - started) * 1000.0
 
         missing = sorted(set(prediction.missing_features) | set(mapped.missing))

@@ -1,0 +1,1 @@
+"""Local stack launcher (Kafka, MinIO, Redis without Docker) and container build files."""

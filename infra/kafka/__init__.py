@@ -1,0 +1,1 @@
+"""Config templates of the local Kafka broker: pom.xml, server-template.properties, log4j.properties."""
