@@ -1,4 +1,4 @@
-"""FHIR consumer: detection and prognosis results in, FHIR Observations out.
+"""FHIR consumer: polyp findings and prognosis results in, FHIR Observations out.
 
 Each resource is published on ``fhir-resources`` and written as JSON under
 ``<output_dir>/fhir/<resourceType>/<id>.json``. Ids are stable per result
@@ -16,7 +16,7 @@ from consumers.resources import finding_observation, risk_observation
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.app import create_app, process_with_dead_letter, raw_topic
-from schemas.messages import DetectionResult, FhirResourceEvent, Message, PrognosisResult
+from schemas.messages import FhirResourceEvent, Message, PolypFinding, PrognosisResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def write_resource(output_dir: Path, resource: dict[str, Any]) -> Path:
 def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
     """Build the FHIR consumer's Faust app with one agent per result topic."""
     app = create_app(settings, SERVICE)
-    detections = raw_topic(app, settings, DetectionResult.topic)
+    findings = raw_topic(app, settings, PolypFinding.topic)
     prognoses = raw_topic(app, settings, PrognosisResult.topic)
     resources = raw_topic(app, settings, FhirResourceEvent.topic)
     dead_letter = raw_topic(app, settings, f"dlq.{SERVICE}")
@@ -53,24 +53,22 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
         write_resource(settings.output_dir, resource)
         await resources.send(key=resource["id"].encode(), value=event.to_bytes())
 
-    async def handle_detection(key: bytes | None, value: bytes | None) -> None:
-        result = DetectionResult.from_bytes(value)
-        if not result.flagged:
-            return
-        await deliver(result, finding_observation(result))
-        logger.debug("finding delivered procedure=%s sequence=%s", result.procedure_id, result.sequence)
+    async def handle_finding(key: bytes | None, value: bytes | None) -> None:
+        finding = PolypFinding.from_bytes(value)
+        await deliver(finding, finding_observation(finding))
+        logger.info("finding observation delivered procedure=%s status=%s", finding.procedure_id, finding.status)
 
     async def handle_prognosis(key: bytes | None, value: bytes | None) -> None:
         result = PrognosisResult.from_bytes(value)
         await deliver(result, risk_observation(result))
         logger.info("risk observation delivered patient=%s", pseudonym(result.patient_id))
 
-    @app.agent(detections)
-    async def findings(stream) -> None:  # noqa: ANN001 - faust stream
-        await process_with_dead_letter(stream, service=SERVICE, dead_letter=dead_letter, handle=handle_detection)
+    @app.agent(findings)
+    async def finding_observations(stream) -> None:  # noqa: ANN001 - faust stream
+        await process_with_dead_letter(stream, service=SERVICE, dead_letter=dead_letter, handle=handle_finding)
 
     @app.agent(prognoses)
-    async def risks(stream) -> None:  # noqa: ANN001 - faust stream
+    async def risk_observations(stream) -> None:  # noqa: ANN001 - faust stream
         await process_with_dead_letter(stream, service=SERVICE, dead_letter=dead_letter, handle=handle_prognosis)
 
     return app

@@ -1,8 +1,8 @@
-"""Build FHIR R4 resources from detection and prognosis results.
+"""Build FHIR R4 resources from polyp findings and prognosis results.
 
 Resources are validated with fhir.resources' R4B models, which match R4 for
-Observation. Resource ids are derived from the result's event id, so a replayed
-result yields the same resource rather than a duplicate.
+Observation. Resource ids are derived from the finding id or the result's event
+id, so a replayed result yields the same resource rather than a duplicate.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fhir.resources.R4B.observation import Observation
 from pydantic import ValidationError
 
 from crc_medai.errors import ProcessingError
-from schemas.messages import DetectionResult, PrognosisResult
+from schemas.messages import PolypFinding, PrognosisResult
 
 #: Namespace of the uuid5 ids given to resources built from results.
 RESOURCE_NAMESPACE = uuid.UUID("9b1f4d52-4a43-4f0e-9c56-2a4c7c3f7a10")
@@ -26,6 +26,7 @@ OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-catego
 CRC_MEDAI_CODES = "https://crc-medai.example/fhir/CodeSystem/results"
 PROCEDURE_IDENTIFIER_SYSTEM = "urn:crc-medai:procedure"
 EVENT_IDENTIFIER_SYSTEM = "urn:crc-medai:event"
+FINDING_IDENTIFIER_SYSTEM = "urn:crc-medai:finding"
 
 # HL7 v3 ObservationValue "AIAST": the content was asserted by artificial intelligence.
 AI_ASSERTED = {
@@ -47,45 +48,51 @@ def resource_id(kind: str, event_id: uuid.UUID) -> str:
     return str(uuid.uuid5(RESOURCE_NAMESPACE, f"{kind}:{event_id}"))
 
 
-def finding_observation(result: DetectionResult) -> dict[str, Any]:
-    """Build the polyp finding Observation of a flagged detection result."""
+def finding_observation(finding: PolypFinding) -> dict[str, Any]:
+    """Build the polyp finding Observation of a finding: one per polyp, updated when it closes."""
     notes = [
-        {"text": f"Polyp probability {result.polyp_probability:.3f} from {result.model.name} {result.model.version}."}
+        {
+            "text": f"Finding {finding.status}: {finding.frames_flagged} flagged frame(s), "
+            f"frames {finding.first_sequence}-{finding.last_sequence}, peak probability "
+            f"{finding.peak_probability:.3f} at frame {finding.representative_sequence}, "
+            f"model {finding.model.name} {finding.model.version}."
+        }
     ]
-    if result.heatmap_key:
+    if finding.heatmap_key:
         notes.append(
             {
-                "text": f"Grad-CAM heatmap: s3://{result.heatmap_bucket}/{result.heatmap_key} "
-                f"({result.explanation_method})."
+                "text": f"Grad-CAM heatmap of frame {finding.representative_sequence}: "
+                f"s3://{finding.heatmap_bucket}/{finding.heatmap_key} ({finding.explanation_method})."
             }
         )
     resource: dict[str, Any] = {
         "resourceType": "Observation",
-        "id": resource_id("finding", result.event_id),
+        "id": resource_id("finding", finding.finding_id),
         "meta": {"security": [AI_ASSERTED]},
-        "identifier": [{"system": EVENT_IDENTIFIER_SYSTEM, "value": str(result.event_id)}],
+        "identifier": [{"system": FINDING_IDENTIFIER_SYSTEM, "value": str(finding.finding_id)}],
         "status": "preliminary",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
         "code": {
             "coding": [{"system": SNOMED, "code": "68496003", "display": "Polyp of colon"}],
             "text": "Polyp of colon detected in colonoscopy video",
         },
-        "focus": [{"identifier": {"system": PROCEDURE_IDENTIFIER_SYSTEM, "value": result.procedure_id}}],
-        "effectiveDateTime": result.captured_at.isoformat(),
-        "issued": result.source_ts.isoformat(),
+        "focus": [{"identifier": {"system": PROCEDURE_IDENTIFIER_SYSTEM, "value": finding.procedure_id}}],
+        "effectivePeriod": {"start": finding.first_seen.isoformat(), "end": finding.last_seen.isoformat()},
+        "issued": finding.source_ts.isoformat(),
         "valueQuantity": {
-            "value": round(result.polyp_probability, 4),
+            "value": round(finding.peak_probability, 4),
             "unit": "probability",
             "system": UCUM,
             "code": "1",
         },
-        "method": {"text": result.explanation_method or "U-Net polyp segmentation with presence head"},
+        "method": {"text": finding.explanation_method or "U-Net polyp segmentation with presence head"},
         "note": notes,
     }
-    if result.region is not None:
+    if finding.region is not None:
+        region = finding.region
         resource["bodySite"] = {
-            "text": f"Frame {result.sequence} region x={result.region.x} y={result.region.y} "
-            f"w={result.region.width} h={result.region.height} px"
+            "text": f"Frame {finding.representative_sequence} region x={region.x} y={region.y} "
+            f"w={region.width} h={region.height} px"
         }
     return validate(resource)
 

@@ -26,12 +26,12 @@ from crc_medai.settings import Settings, get_settings
 from crc_medai.storage import create_minio
 from producers.frames import publish_video
 from producers.records import publish_records
-from schemas.messages import DetectionResult, FhirResourceEvent, PrognosisResult
+from schemas.messages import DetectionResult, FhirResourceEvent, PolypFinding, PrognosisResult
 
 logger = logging.getLogger(__name__)
 
 SERVICES = ("detection", "prognosis", "fhir-consumer")
-RESULT_TOPICS = ("detections", "prognoses", "fhir-resources", *DEAD_LETTER_TOPICS)
+RESULT_TOPICS = ("detections", "findings", "prognoses", "fhir-resources", *DEAD_LETTER_TOPICS)
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Results:
     """What came back through Kafka for one run, parsed."""
 
     detections: list[DetectionResult] = field(default_factory=list)
+    findings: list[PolypFinding] = field(default_factory=list)
     prognoses: list[PrognosisResult] = field(default_factory=list)
     resources: list[FhirResourceEvent] = field(default_factory=list)
     dead_letters: list[Record] = field(default_factory=list)
@@ -49,6 +50,7 @@ class Results:
         results = cls()
         by_topic = {
             settings.topic("detections"): (DetectionResult, results.detections),
+            settings.topic("findings"): (PolypFinding, results.findings),
             settings.topic("prognoses"): (PrognosisResult, results.prognoses),
             settings.topic("fhir-resources"): (FhirResourceEvent, results.resources),
         }
@@ -60,34 +62,20 @@ class Results:
                 results.dead_letters.append(record)
         return results
 
+    def complete(self, frames: int, patients: int) -> bool:
+        """Tell whether every frame, finding and patient has its results, FHIR resources included."""
+        if len(self.detections) < frames or len(self.prognoses) < patients:
+            return False
+        if any(finding.status == "open" for finding in self.latest_findings()):
+            return False
+        return len(self.resources) >= len(self.findings) + patients
 
-@dataclass(frozen=True)
-class Episode:
-    """A run of consecutive flagged frames, the way a reviewer would see one polyp."""
-
-    first_sequence: int
-    last_sequence: int
-    peak: DetectionResult
-
-
-def flagged_episodes(detections: list[DetectionResult], max_gap: int = 3) -> list[Episode]:
-    """Group flagged frames whose sequence numbers are at most ``max_gap`` apart."""
-    flagged = sorted((result for result in detections if result.flagged), key=lambda result: result.sequence)
-    episodes: list[Episode] = []
-    group: list[DetectionResult] = []
-    for result in flagged:
-        if group and result.sequence - group[-1].sequence > max_gap:
-            episodes.append(_episode(group))
-            group = []
-        group.append(result)
-    if group:
-        episodes.append(_episode(group))
-    return episodes
-
-
-def _episode(group: list[DetectionResult]) -> Episode:
-    peak = max(group, key=lambda result: result.polyp_probability)
-    return Episode(group[0].sequence, group[-1].sequence, peak)
+    def latest_findings(self) -> list[PolypFinding]:
+        """Return the last state of every finding, in order of appearance."""
+        latest: dict[object, PolypFinding] = {}
+        for finding in self.findings:
+            latest[finding.finding_id] = finding
+        return sorted(latest.values(), key=lambda finding: (finding.procedure_id, finding.first_sequence))
 
 
 def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: float = 300.0) -> int:
@@ -135,17 +123,7 @@ async def _stream_and_collect(
     expected_prognoses = len(record_summary.published)
 
     def complete(received: list[Record]) -> bool:
-        counts = Counter(record.topic for record in received)
-        detections = counts[settings.topic("detections")]
-        prognoses = counts[settings.topic("prognoses")]
-        if detections < expected_detections or prognoses < expected_prognoses:
-            return False
-        flagged = sum(
-            1
-            for record in received
-            if record.topic == settings.topic("detections") and DetectionResult.from_bytes(record.value).flagged
-        )
-        return counts[settings.topic("fhir-resources")] >= flagged + prognoses
+        return Results.parse(received, settings).complete(expected_detections, expected_prognoses)
 
     def stopped_services() -> list[str]:
         return [name for name, process in processes.items() if process.poll() is not None]
@@ -177,7 +155,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """Build the run summary from parsed results and check every heatmap object in MinIO."""
     minio = create_minio(settings)
-    episodes = flagged_episodes(results.detections)
+    findings = results.latest_findings()
     heatmaps = [result for result in results.detections if result.heatmap_key]
     missing_heatmaps = [result.heatmap_key for result in heatmaps if not _object_exists(minio, result)]
     latencies = sorted(
@@ -195,14 +173,16 @@ def build_summary(
             "latency_ms_p95": _percentile(latencies, 95),
             "model": results.detections[0].model.model_dump() if results.detections else None,
         },
-        "polyp_episodes": [
+        "findings": [
             {
-                "frames": f"{episode.first_sequence}-{episode.last_sequence}",
-                "peak_confidence": round(episode.peak.polyp_probability, 3),
-                "peak_frame": episode.peak.sequence,
-                "heatmap": f"s3://{episode.peak.heatmap_bucket}/{episode.peak.heatmap_key}",
+                "status": finding.status,
+                "frames": f"{finding.first_sequence}-{finding.last_sequence}",
+                "frames_flagged": finding.frames_flagged,
+                "peak_confidence": round(finding.peak_probability, 3),
+                "peak_frame": finding.representative_sequence,
+                "heatmap": f"s3://{finding.heatmap_bucket}/{finding.heatmap_key}",
             }
-            for episode in episodes
+            for finding in findings
         ],
         "heatmaps": {"stored": len(heatmaps) - len(missing_heatmaps), "missing": missing_heatmaps},
         "prognoses": {
@@ -261,12 +241,13 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         f"frames processed: {frames['processed']}/{frames['expected']}, flagged: {frames['flagged']}, "
         f"capture-to-result latency p50 {frames['latency_ms_p50']} ms, p95 {frames['latency_ms_p95']} ms",
         f"detection model: {frames['model']}",
-        f"polyp episodes (consecutive flagged frames): {len(summary['polyp_episodes'])}",
+        f"polyp findings (one per polyp): {len(summary['findings'])}",
     ]
-    for episode in summary["polyp_episodes"]:
+    for finding in summary["findings"]:
         lines.append(
-            f"  frames {episode['frames']}: peak confidence {episode['peak_confidence']} "
-            f"at frame {episode['peak_frame']}, heatmap {episode['heatmap']}"
+            f"  frames {finding['frames']} ({finding['frames_flagged']} flagged, {finding['status']}): "
+            f"peak confidence {finding['peak_confidence']} at frame {finding['peak_frame']}, "
+            f"heatmap {finding['heatmap']}"
         )
     heatmaps = summary["heatmaps"]
     lines.append(f"heatmaps in MinIO: {heatmaps['stored']} stored, {len(heatmaps['missing'])} missing")

@@ -20,7 +20,7 @@ from crc_medai.settings import Settings
 logger = logging.getLogger(__name__)
 
 #: Logical topics of the data flow, in order.
-DATA_TOPICS: tuple[str, ...] = ("frames", "patient-records", "detections", "prognoses", "fhir-resources")
+DATA_TOPICS: tuple[str, ...] = ("frames", "patient-records", "detections", "findings", "prognoses", "fhir-resources")
 
 #: Logical dead-letter topics, one per consumer and producer that can reject input.
 DEAD_LETTER_TOPICS: tuple[str, ...] = (

@@ -134,6 +134,34 @@ class DetectionResult(Message):
     inference_ms: float = Field(ge=0.0)
 
 
+class PolypFinding(Message):
+    """One polyp tracked across consecutive flagged frames; key: procedure id.
+
+    A finding is published with status ``open`` on its first flagged frame and
+    again with status ``closed`` once the polyp has left the view, so that
+    downstream systems get one finding per polyp, not one per frame. Both
+    events carry the same ``finding_id``.
+    """
+
+    topic: ClassVar[str] = "findings"
+
+    finding_id: uuid.UUID
+    procedure_id: ProcedureId
+    status: Literal["open", "closed"]
+    first_sequence: int = Field(ge=0)
+    last_sequence: int = Field(ge=0)
+    first_seen: AwareDatetime = Field(description="Capture timestamp of the first flagged frame.")
+    last_seen: AwareDatetime = Field(description="Capture timestamp of the last flagged frame.")
+    frames_flagged: int = Field(gt=0)
+    peak_probability: float = Field(ge=0.0, le=1.0)
+    representative_sequence: int = Field(ge=0, description="The frame with the peak probability.")
+    region: Region | None = Field(default=None, description="Region of the polyp in the representative frame.")
+    heatmap_key: str | None = Field(default=None, description="Grad-CAM overlay of the representative frame.")
+    heatmap_bucket: str | None = None
+    explanation_method: str | None = None
+    model: ModelRef
+
+
 class FeatureContribution(BaseModel):
     """One SHAP contribution to the recurrence log-odds, in clinical words."""
 
@@ -175,4 +203,11 @@ class FhirResourceEvent(Message):
 
 
 #: Every message class, in data-flow order.
-MESSAGE_TYPES: tuple[type[Message], ...] = (Frame, PatientRecord, DetectionResult, PrognosisResult, FhirResourceEvent)
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Frame,
+    PatientRecord,
+    DetectionResult,
+    PolypFinding,
+    PrognosisResult,
+    FhirResourceEvent,
+)

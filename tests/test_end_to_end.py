@@ -45,16 +45,12 @@ def results(e2e_settings: Settings, services: RunningServices) -> tuple[Results,
     patients = len(record_summary.published)
 
     def complete(received: list[Record]) -> bool:
-        parsed = Results.parse(received, settings)
-        flagged = sum(result.flagged for result in parsed.detections)
-        return (
-            len(parsed.detections) >= frames
-            and len(parsed.prognoses) >= patients
-            and len(parsed.resources) >= flagged + patients
-        )
+        return Results.parse(received, settings).complete(frames, patients)
 
     received = asyncio.run(
-        collect_records(settings, ["detections", "prognoses", "fhir-resources"], until=complete, timeout_s=420)
+        collect_records(
+            settings, ["detections", "findings", "prognoses", "fhir-resources"], until=complete, timeout_s=420
+        )
     )
     return Results.parse(received, settings), frames, patients
 
@@ -90,6 +86,22 @@ def test_polyps_are_flagged_with_heatmaps_in_minio(e2e_settings: Settings, resul
             assert result.heatmap_key is None
 
 
+def test_each_polyp_gives_one_closed_finding(results: tuple[Results, int, int]) -> None:
+    parsed, _, _ = results
+    findings = parsed.latest_findings()
+    flagged = [result for result in parsed.detections if result.flagged]
+
+    assert findings, "flagged frames produced no finding"
+    assert len(findings) < len(flagged), "findings were not aggregated across frames"
+    assert all(finding.status == "closed" for finding in findings)
+    assert sum(finding.frames_flagged for finding in findings) == len(flagged)
+    for finding in findings:
+        assert finding.first_sequence <= finding.representative_sequence <= finding.last_sequence
+        assert finding.heatmap_key
+    statuses = [finding.status for finding in parsed.findings]
+    assert statuses.count("open") == statuses.count("closed") == len(findings)
+
+
 def test_every_patient_gets_a_prognosis(results: tuple[Results, int, int]) -> None:
     parsed, _, patients = results
 
@@ -104,11 +116,12 @@ def test_every_patient_gets_a_prognosis(results: tuple[Results, int, int]) -> No
 
 def test_observations_are_valid_fhir(e2e_settings: Settings, results: tuple[Results, int, int]) -> None:
     parsed, _, patients = results
-    flagged = sum(result.flagged for result in parsed.detections)
+    findings = len(parsed.latest_findings())
     written = list((e2e_settings.output_dir / "fhir" / "Observation").glob("*.json"))
 
-    assert len(parsed.resources) == flagged + patients
-    assert len(written) == flagged + patients
+    assert len(parsed.resources) == len(parsed.findings) + patients
+    assert len({event.resource_id for event in parsed.resources}) == findings + patients
+    assert len(written) == findings + patients
     for event in parsed.resources:
         observation = Observation.model_validate(event.resource)
         assert observation.id == event.resource_id

@@ -81,7 +81,7 @@ def test_poison_messages_are_dead_lettered(poison_settings: Settings, services: 
     outgoing += [
         ("patient-records", b"pt-poison", b"{}"),
         ("patient-records", b"pt-poison", valid_record.to_bytes()),
-        ("detections", b"proc-poison", b"not a detection"),
+        ("findings", b"proc-poison", b"not a finding"),
     ]
     asyncio.run(send_all(settings, outgoing))
 
@@ -124,7 +124,7 @@ def test_poison_messages_are_dead_lettered(poison_settings: Settings, services: 
     prognoses = [PrognosisResult.from_bytes(record.value) for record in by_topic.get("prognoses", [])]
     assert [result.patient_id for result in prognoses] == ["pt-poison"]
 
-    assert [record.value for record in by_topic.get("dlq.fhir-consumer", [])] == [b"not a detection"]
+    assert [record.value for record in by_topic.get("dlq.fhir-consumer", [])] == [b"not a finding"]
     for name, process in services.processes.items():
         assert process.poll() is None, f"service {name} stopped after poison messages"
 

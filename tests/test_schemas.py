@@ -18,6 +18,7 @@ from schemas.messages import (
     Frame,
     ModelRef,
     PatientRecord,
+    PolypFinding,
     PrognosisResult,
     Region,
     utc_now,
@@ -46,6 +47,19 @@ def sample_messages() -> list:
             explanation_method="Grad-CAM",
             model=MODEL,
             inference_ms=12.5,
+        ),
+        PolypFinding(
+            finding_id=uuid.uuid4(),
+            procedure_id="proc-1",
+            status="open",
+            first_sequence=3,
+            last_sequence=3,
+            first_seen=now,
+            last_seen=now,
+            frames_flagged=1,
+            peak_probability=0.91,
+            representative_sequence=3,
+            model=MODEL,
         ),
         PrognosisResult(
             record_event_id=uuid.uuid4(),
@@ -137,7 +151,7 @@ def test_probability_out_of_range_rejected() -> None:
 
 
 def test_risk_group_outside_set_rejected() -> None:
-    document = json.loads(sample_messages()[3].to_bytes())
+    document = json.loads(sample_messages()[4].to_bytes())
     document["risk_group"] = "medium"
 
     with pytest.raises(ValidationError, match="risk_group"):

@@ -3,6 +3,8 @@
 Consumes ``frames`` (key: procedure id), runs the polyp detector on each
 frame, computes a Grad-CAM overlay for flagged frames, stores it in MinIO and
 publishes a :class:`DetectionResult` on ``detections`` with the same key.
+Flagged frames of one polyp are aggregated into a :class:`PolypFinding` on
+``findings``, published when the polyp appears and again when it is gone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from crc_medai.storage import create_minio, ensure_bucket, put_png
 from processors.app import create_app, process_with_dead_letter, raw_topic
 from processors.detection.explain import GradCamExplainer
 from processors.detection.model import PolypDetector
-from schemas.messages import DetectionResult, Frame, ModelRef, Region, utc_now
+from processors.detection.tracking import FindingTracker
+from schemas.messages import DetectionResult, Frame, ModelRef, PolypFinding, Region, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class FrameDetector:
 
     def close(self) -> None:
         """Release the Grad-CAM hooks."""
-        self.explainer.__exit__(None, None, None)
+        self.explainer.close()
 
     def process(self, frame: Frame) -> DetectionResult:
         """Detect polyps in one frame; explain and store the heatmap when flagged."""
@@ -123,8 +126,12 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
     app = create_app(settings, SERVICE)
     frames = raw_topic(app, settings, Frame.topic)
     detections = raw_topic(app, settings, DetectionResult.topic)
+    findings = raw_topic(app, settings, PolypFinding.topic)
     dead_letter = raw_topic(app, settings, f"dlq.{SERVICE}")
     detector = FrameDetector(settings)
+    # NOTE: open tracks live in this worker's memory. After a rebalance moves a
+    # procedure's partition, the new owner starts fresh tracks for that procedure.
+    tracker = FindingTracker()
     logger.info(
         "detection processor ready model=%s version=%s threshold=%s bucket=%s",
         detector.model_ref.name,
@@ -133,16 +140,37 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
         settings.heatmap_bucket,
     )
 
+    @app.on_before_shutdown.connect
+    async def release_hooks(app_: object, **_: object) -> None:
+        detector.close()
+
+    async def publish_findings(events: list[PolypFinding]) -> None:
+        for finding in events:
+            await findings.send(key=finding.procedure_id.encode(), value=finding.to_bytes())
+            logger.info(
+                "finding %s procedure=%s frames=%d-%d peak=%.3f",
+                finding.status,
+                finding.procedure_id,
+                finding.first_sequence,
+                finding.last_sequence,
+                finding.peak_probability,
+            )
+
     async def handle(key: bytes | None, value: bytes | None) -> None:
         frame = Frame.from_bytes(value)
         result = await asyncio.to_thread(detector.process, frame)
         await detections.send(key=frame.procedure_id.encode(), value=result.to_bytes())
+        await publish_findings(tracker.update(result))
         logger.debug(
             "frame processed procedure=%s sequence=%s probability=%.3f",
             frame.procedure_id,
             frame.sequence,
             result.polyp_probability,
         )
+
+    @app.timer(interval=0.5)
+    async def close_idle_findings() -> None:
+        await publish_findings(tracker.close_idle())
 
     @app.agent(frames)
     async def detect(stream) -> None:  # noqa: ANN001 - faust stream
