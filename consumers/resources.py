@@ -106,7 +106,7 @@ def risk_observation(result: PrognosisResult) -> dict[str, Any]:
                 "coding": [{"system": CRC_MEDAI_CODES, "code": f"shap-{item.feature}"}],
                 "text": f"SHAP contribution of {item.label} = {item.display_value}",
             },
-            "valueQuantity": {"value": round(item.contribution, 6), "unit": "log-odds"},
+            "valueQuantity": {"value": round(item.contribution, 6), "unit": result.explanation_scale},
         }
         for item in result.contributions[:TOP_CONTRIBUTIONS]
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -17,6 +18,15 @@ logger = logging.getLogger("crc_medai")
 
 SERVICES = ("detection", "prognosis", "fhir-consumer")
 
+#: Prognosis tools: subcommand -> (module in processors.prognosis, help text).
+PROGNOSIS_TOOLS = {
+    "train-prognosis": ("train_survival", "train the recurrence survival model"),
+    "evaluate-prognosis": ("evaluate", "cross-validate it against a Cox PH baseline and write the report"),
+    "benchmark-prognosis": ("benchmark", "time per-record scoring and what-if requests"),
+    "what-if": ("whatif", "simulate the risk of a patient with changed values"),
+    "what-if-api": ("api", "serve the what-if API (FastAPI, OpenAPI docs at /docs)"),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one subcommand per task."""
@@ -25,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack = commands.add_parser("stack", help="provision, start, stop or inspect the local Kafka, MinIO and Redis")
     stack.add_argument("action", choices=["up", "down", "status"])
-    stack.add_argument("options", nargs=argparse.REMAINDER, help="passed on, e.g. --only kafka, --json")
+    stack.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. --only kafka, --json")
 
     for service in SERVICES:
         commands.add_parser(service, help=f"run the {service} service (a Faust worker) until stopped")
@@ -45,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", type=Path, default=REPO_ROOT / "samples" / "records")
     demo.add_argument("--fast", action="store_true", help="publish frames as fast as possible")
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
+
+    for name, (_, help_text) in PROGNOSIS_TOOLS.items():
+        tool = commands.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
 
     schemas = commands.add_parser("schemas", help="export the JSON Schema of every message")
     schemas.add_argument("--out", type=Path, default=REPO_ROOT / "schemas" / "json")
@@ -80,9 +94,17 @@ async def _ensure_topics(settings) -> None:  # noqa: ANN001
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``crc-medai`` console script."""
     configure_logging()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return dispatch(args)
+        # The stack launcher and the prognosis tools parse their own options.
+        if argv and argv[0] == "stack" and argv[1:2] != ["-h"]:
+            from infra.stack import main as stack_main
+
+            return stack_main(argv[1:])
+        if argv and argv[0] in PROGNOSIS_TOOLS:
+            module = importlib.import_module(f"processors.prognosis.{PROGNOSIS_TOOLS[argv[0]][0]}")
+            return module.main(argv[1:])
+        return dispatch(build_parser().parse_args(argv))
     except CrcMedAiError as exc:
         logger.error("%s", exc)
         return 2
@@ -93,10 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     """Run the subcommand ``args.command``."""
     settings = get_settings()
-    if args.command == "stack":
-        from infra.stack import main as stack_main
-
-        return stack_main([args.action, *args.options])
     if args.command in SERVICES:
         return run_service(args.command)
     if args.command == "produce-frames":

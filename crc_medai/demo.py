@@ -128,7 +128,13 @@ async def _stream_and_collect(
     def stopped_services() -> list[str]:
         return [name for name, process in processes.items() if process.poll() is not None]
 
-    received = await collect_records(settings, RESULT_TOPICS, until=complete, timeout_s=timeout_s)
+    # Stop waiting as soon as a service has died: its log says why, and waiting longer cannot help.
+    received = await collect_records(
+        settings,
+        RESULT_TOPICS,
+        until=lambda records: complete(records) or bool(stopped_services()),
+        timeout_s=timeout_s,
+    )
     results = Results.parse(received, settings)
     return build_summary(
         settings,

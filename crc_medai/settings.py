@@ -41,7 +41,7 @@ class Settings(BaseSettings):
 
     # Models
     detection_model_path: Path = REPO_ROOT / "processors" / "detection" / "weights" / "polyp_unet.pt"
-    prognosis_model_path: Path = REPO_ROOT / "processors" / "prognosis" / "weights" / "recurrence_catboost.cbm"
+    prognosis_model_path: Path = REPO_ROOT / "processors" / "prognosis" / "weights" / "recurrence_survival_catboost.cbm"
     detection_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
     # Output of the FHIR consumer for people to read

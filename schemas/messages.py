@@ -171,7 +171,16 @@ class FeatureContribution(BaseModel):
     label: str = Field(description="Clinical meaning, for example 'Positive lymph nodes'.")
     value: float | str | None = Field(description="The patient's value; null when missing.")
     display_value: str = Field(description="The value with its unit or category, for display.")
-    contribution: float = Field(description="SHAP value on the log-odds scale; positive raises the risk.")
+    contribution: float = Field(description="SHAP value on the result's explanation_scale; positive raises the risk.")
+
+
+class HorizonProbability(BaseModel):
+    """Probability of recurrence within one horizon."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    horizon_years: float = Field(gt=0)
+    probability: float = Field(ge=0.0, le=1.0)
 
 
 class PrognosisResult(Message):
@@ -184,11 +193,32 @@ class PrognosisResult(Message):
     horizon_years: float = Field(gt=0)
     recurrence_probability: float = Field(ge=0.0, le=1.0)
     risk_group: Literal["low", "intermediate", "high"]
-    base_value: float = Field(description="SHAP expected value (log-odds) the contributions add to.")
+    base_value: float = Field(description="SHAP base value the contributions add to, on explanation_scale.")
     contributions: list[FeatureContribution] = Field(description="All contributions, largest magnitude first.")
     missing_features: list[str] = Field(default_factory=list, description="Features absent from the record.")
     model: ModelRef
     inference_ms: float = Field(ge=0.0)
+    explanation_scale: Literal["log-odds", "log-hazard"] = Field(
+        default="log-odds",
+        description="Scale of base_value, contributions and model_output: log-odds (model 1.x) or log relative "
+        "hazard (model 2.x, where exp(contribution) is the factor on the hazard against the average patient).",
+    )
+    model_output: float | None = Field(
+        default=None, description="The model's raw output, equal to base_value plus the contributions."
+    )
+    probabilities: list[HorizonProbability] = Field(
+        default_factory=list, description="Recurrence probability within each horizon, for example 3 and 5 years."
+    )
+    top_contributions: list[str] = Field(
+        default_factory=list, description="The largest contributions in clinical words, largest first."
+    )
+    decision_path: list[str] = Field(
+        default_factory=list,
+        description="Steps of the surrogate-tree decision path in clinical words, then its conclusion.",
+    )
+    decision_path_fidelity_r2: float | None = Field(
+        default=None, description="Cross-validated R^2 of the surrogate tree against the model."
+    )
 
 
 class FhirResourceEvent(Message):

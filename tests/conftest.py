@@ -52,6 +52,10 @@ class RunningServices:
         for name, process in self.processes.items():
             stop_service(process, name)
 
+    def any_stopped(self) -> bool:
+        """Tell whether a service has exited, so a test can stop waiting for its results."""
+        return any(process.poll() is not None for process in self.processes.values())
+
     def logs(self) -> str:
         parts = []
         for name in self.processes:

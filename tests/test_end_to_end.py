@@ -45,7 +45,7 @@ def results(e2e_settings: Settings, services: RunningServices) -> tuple[Results,
     patients = len(record_summary.published)
 
     def complete(received: list[Record]) -> bool:
-        return Results.parse(received, settings).complete(frames, patients)
+        return Results.parse(received, settings).complete(frames, patients) or services.any_stopped()
 
     received = asyncio.run(
         collect_records(
@@ -111,7 +111,11 @@ def test_every_patient_gets_a_prognosis(results: tuple[Results, int, int]) -> No
         assert 0.0 <= result.recurrence_probability <= 1.0
         assert result.contributions
         total = result.base_value + sum(item.contribution for item in result.contributions)
-        assert total == pytest.approx(_logit(result.recurrence_probability), abs=1e-4)
+        assert result.explanation_scale == "log-hazard"
+        assert total == pytest.approx(result.model_output, abs=1e-6)
+        assert [item.horizon_years for item in result.probabilities] == [3.0, 5.0]
+        assert result.probabilities[0].probability <= result.probabilities[1].probability
+        assert result.decision_path
 
 
 def test_observations_are_valid_fhir(e2e_settings: Settings, results: tuple[Results, int, int]) -> None:
@@ -130,9 +134,3 @@ def test_observations_are_valid_fhir(e2e_settings: Settings, results: tuple[Resu
     assert all(resource["component"] for resource in risk)
     on_disk = json.loads(written[0].read_text())
     assert on_disk["resourceType"] == "Observation"
-
-
-def _logit(probability: float) -> float:
-    import math
-
-    return math.log(probability / (1.0 - probability))

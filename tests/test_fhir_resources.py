@@ -60,7 +60,11 @@ def test_finding_observation_is_valid() -> None:
     resource = finding_observation(finding())
 
     assert Observation.model_validate(resource).id == resource["id"]
-    assert resource["code"]["coding"][0] == {"system": "http://snomed.info/sct", "code": "68496003", "display": "Polyp of colon"}
+    assert resource["code"]["coding"][0] == {
+        "system": "http://snomed.info/sct",
+        "code": "68496003",
+        "display": "Polyp of colon",
+    }
     assert resource["valueQuantity"]["value"] == 0.93
     assert resource["meta"]["security"][0]["code"] == "AIAST"
     assert resource["effectivePeriod"]["start"] <= resource["effectivePeriod"]["end"]

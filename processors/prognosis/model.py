@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-from catboost import CatBoostClassifier, Pool
+from catboost import CatBoost, CatBoostClassifier, Pool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processors.prognosis.data import (
@@ -41,6 +41,7 @@ from schemas.messages import FeatureContribution, ModelRef
 logger = logging.getLogger(__name__)
 
 RiskGroup = Literal["low", "intermediate", "high"]
+MetadataT = TypeVar("MetadataT", bound=BaseModel)
 
 #: 5 years in days, the horizon of the binary target.
 HORIZON_DAYS = 1826
@@ -145,6 +146,44 @@ def write_model(booster: CatBoostClassifier, path: Path, metadata_fields: Mappin
     return RecurrenceModel(booster, metadata)
 
 
+def load_artifact(path: Path, metadata_type: type[MetadataT], booster: CatBoost, train_module: str) -> MetadataT:
+    """Read a sidecar and the weights into ``booster``, checking the weights against the sidecar's SHA-256.
+
+    Args:
+        path: The ``.cbm`` weights; the sidecar is the ``.json`` next to them.
+        metadata_type: The pydantic model of the sidecar; it must have ``weights_sha256``.
+        booster: An empty CatBoost model that receives the weights.
+        train_module: The module that rebuilds the files, named in the error for a missing file.
+
+    Raises:
+        ModelArtifactError: a file is missing, unreadable or does not match the other.
+    """
+    metadata_path = sidecar_path(path)
+    for required in (path, metadata_path):
+        if not required.is_file():
+            raise ModelArtifactError(
+                f"model file {required} not found; train it with 'python -m {train_module} --out {path}'"
+            )
+
+    try:
+        metadata = metadata_type.model_validate_json(metadata_path.read_bytes())
+    except ValidationError as error:
+        raise ModelArtifactError(f"model metadata {metadata_path} is invalid: {error}") from error
+
+    digest = file_sha256(path)
+    if digest != metadata.weights_sha256:
+        raise ModelArtifactError(
+            f"weights {path} have SHA-256 {digest} but {metadata_path} expects "
+            f"{metadata.weights_sha256}; the two files come from different training runs"
+        )
+
+    try:
+        booster.load_model(str(path), format="cbm")
+    except Exception as error:  # CatBoostError has no stable import path across versions
+        raise ModelArtifactError(f"cannot read CatBoost weights {path}: {error}") from error
+    return metadata
+
+
 def table_pool(table: pd.DataFrame, label: Sequence[int] | None = None, weight: Sequence[float] | None = None) -> Pool:
     """Build a CatBoost pool from a table with the model feature columns; NaN stays missing."""
     return Pool(
@@ -169,7 +208,6 @@ class RecurrenceModel:
         self.name = metadata.name
         self.version = metadata.version
         self.horizon_years = metadata.horizon_years
-        self._required = [name for name in FEATURE_NAMES if name not in metadata.features_missing_in_training]
         self._cat_indices = [FEATURE_NAMES.index(name) for name in CATEGORICAL_FEATURES]
 
     @property
@@ -185,32 +223,8 @@ class RecurrenceModel:
             ModelArtifactError: a file is missing, unreadable or does not match the other.
         """
         path = Path(path)
-        metadata_path = sidecar_path(path)
-        for required in (path, metadata_path):
-            if not required.is_file():
-                raise ModelArtifactError(
-                    f"model file {required} not found; train it with "
-                    f"'python -m processors.prognosis.train --out {path}'"
-                )
-
-        try:
-            metadata = ModelMetadata.model_validate_json(metadata_path.read_bytes())
-        except ValidationError as error:
-            raise ModelArtifactError(f"model metadata {metadata_path} is invalid: {error}") from error
-
-        digest = file_sha256(path)
-        if digest != metadata.weights_sha256:
-            raise ModelArtifactError(
-                f"weights {path} have SHA-256 {digest} but {metadata_path} expects "
-                f"{metadata.weights_sha256}; the two files come from different training runs"
-            )
-
         booster = CatBoostClassifier()
-        try:
-            booster.load_model(str(path), format="cbm")
-        except Exception as error:  # CatBoostError has no stable import path across versions
-            raise ModelArtifactError(f"cannot read CatBoost weights {path}: {error}") from error
-
+        metadata = load_artifact(path, ModelMetadata, booster, "processors.prognosis.train")
         logger.info("model loaded name=%s version=%s path=%s", metadata.name, metadata.version, path)
         return cls(booster, metadata)
 
@@ -232,12 +246,7 @@ class RecurrenceModel:
             FeatureValueError: a value is invalid, or a feature the model never
                 saw missing in training is missing.
         """
-        values = validate_features(features)
-        if values["node4"] is None and values["nodes"] is not None:
-            values["node4"] = float(values["nodes"] > 4)
-
-        missing = [name for name in FEATURE_NAMES if values[name] is None]
-        self._check_required(missing, missing_reasons or {})
+        values, missing = prepare_features(features, self.metadata.features_missing_in_training, missing_reasons or {})
 
         pool = Pool(data=[self._row(values)], cat_features=self._cat_indices, feature_names=list(FEATURE_NAMES))
         shap_row = self._booster.get_feature_importance(data=pool, type="ShapValues", thread_count=1)[0]
@@ -268,17 +277,42 @@ class RecurrenceModel:
         """Return the recurrence probability for each row of a table with the feature columns."""
         return self._booster.predict_proba(table_pool(table))[:, 1]
 
-    def _check_required(self, missing: list[str], reasons: Mapping[str, str]) -> None:
-        absent = [name for name in missing if name in self._required]
-        if absent:
-            details = "; ".join(f"{name}: {reasons[name]}" for name in absent if name in reasons)
-            raise FeatureValueError(
-                absent[0],
-                f"required features {absent} are missing{f' ({details})' if details else ''}; the model was "
-                f"trained without missing values for them, and only "
-                f"{self.metadata.features_missing_in_training} may be missing",
-            )
-
     @staticmethod
     def _row(values: Mapping[str, FeatureValue]) -> list[float | str]:
-        return [math.nan if values[name] is None else values[name] for name in FEATURE_NAMES]
+        return model_row(values)
+
+
+def model_row(values: Mapping[str, FeatureValue]) -> list[float | str]:
+    """Return one row in the model's column order, None as NaN."""
+    return [math.nan if values[name] is None else values[name] for name in FEATURE_NAMES]
+
+
+def prepare_features(
+    features: Mapping[str, FeatureValue],
+    allowed_missing: Sequence[str],
+    missing_reasons: Mapping[str, str],
+) -> tuple[dict[str, FeatureValue], list[str]]:
+    """Validate one patient's features, derive ``node4`` from ``nodes`` when absent, and list the missing ones.
+
+    Args:
+        features: Values by feature name; an absent key, None or NaN is missing.
+        allowed_missing: Features the model saw missing in training; only these may be missing.
+        missing_reasons: Why features are missing, quoted in the error for a required one.
+
+    Raises:
+        FeatureValueError: a value is invalid, or a feature outside ``allowed_missing`` is missing.
+    """
+    values = validate_features(features)
+    if values["node4"] is None and values["nodes"] is not None:
+        values["node4"] = float(values["nodes"] > 4)
+
+    missing = [name for name in FEATURE_NAMES if values[name] is None]
+    required_absent = [name for name in missing if name not in allowed_missing]
+    if required_absent:
+        details = "; ".join(f"{name}: {missing_reasons[name]}" for name in required_absent if name in missing_reasons)
+        raise FeatureValueError(
+            required_absent[0],
+            f"required features {required_absent} are missing{f' ({details})' if details else ''}; the model was "
+            f"trained without missing values for them, and only {list(allowed_missing)} may be missing",
+        )
+    return values, missing
