@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-unit stack-up stack-down stack-status lint schemas clean
+.PHONY: setup demo test test-unit stack-up stack-down stack-status lint schemas validate clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ stack-status: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+validate: setup
+	$(if $(FILE),,$(error usage: make validate FILE=path/to/resource.json))
+	$(BIN)/crc-medai validate $(FILE)
 
 schemas: setup
 	$(BIN)/crc-medai schemas

@@ -6,7 +6,7 @@ once into ``$CRC_STACK_HOME/fhir-validator-<hapi version>-<source digest>/``
 (default ``~/.cache/crc-medai``) with ``mvn -q -B package``.
 :class:`ValidatorProcess` starts it as a local HTTP server, because loading the
 R4 definitions takes seconds and validating one resource then takes
-milliseconds, and returns each answer as a :class:`ValidationReport`.
+milliseconds, and returns each response as a :class:`ValidationReport`.
 
 The severity policy lives in the harness (``SeverityPolicy.java``): an issue
 that only says a code could not be checked because its code system (SNOMED CT,
@@ -51,13 +51,13 @@ JAR_NAME = "fhir-validator.jar"
 MIN_JAVA_MAJOR = 17
 #: Severities of OperationOutcome issues that make a resource invalid.
 FAILURE_SEVERITIES = frozenset({"fatal", "error"})
-#: Seconds allowed for the first Maven build, which downloads about 100 MB of jars.
+#: Seconds allowed for the first Maven build, which downloads about 190 MB of jars and plugins.
 BUILD_TIMEOUT_S = 900.0
-#: Seconds allowed from starting the JVM to the READY line; loading the R4 definitions dominates.
+#: Seconds allowed from starting the JVM to the READY line, most of which loading the R4 definitions takes.
 START_TIMEOUT_S = 180.0
-#: Seconds allowed for one validation request; a Bundle of 1,000 entries stays well under it.
+#: Seconds allowed for one validation request. A Bundle of 1,000 entries took 7 to 27 s on 2 cores.
 REQUEST_TIMEOUT_S = 300.0
-#: Heap of the validator JVM; the R4 definitions and their snapshots take a few hundred MB.
+#: JVM options of the validator. With the R4 definitions loaded its resident memory is about 520 MB.
 JVM_OPTIONS = ("-Xmx1g", "-XX:+UseSerialGC")
 
 _POM_NAMESPACE = {"pom": "http://maven.apache.org/POM/4.0.0"}
@@ -82,7 +82,7 @@ class ValidatorStartError(ValidatorError):
 
 
 class ValidatorRequestError(ValidatorError):
-    """A validation request failed: no answer, or an answer that is not an OperationOutcome."""
+    """A validation request failed: no response, or a response that is not an OperationOutcome."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def _build(maven: str, target: Path) -> None:
 
 
 def _remove_stale_builds(current: Path) -> None:
-    """Delete builds of earlier harness sources; each holds about 145 MB of jars."""
+    """Delete the builds of earlier harness sources, because each contains about 145 MB of jars."""
     for stale in current.parent.glob("fhir-validator-*"):
         if stale.is_dir() and stale != current and not stale.name.endswith((".build", ".partial")):
             logger.info("removing stale FHIR validator build path=%s", stale)
@@ -312,6 +312,7 @@ class ValidatorProcess:
         self._process: subprocess.Popen[str] | None = None
         self._client: httpx.Client | None = None
         self._log: IO[str] | None = None
+        self._keep_log = False
 
     def __enter__(self) -> Self:
         self.start()
@@ -324,7 +325,7 @@ class ValidatorProcess:
 
     @property
     def log_path(self) -> Path | None:
-        """File that receives the validator's stderr, kept after close for inspection."""
+        """File that receives the validator's stderr; close() deletes it unless the validator failed."""
         return Path(self._log.name) if self._log else None
 
     def start(self) -> None:
@@ -344,6 +345,7 @@ class ValidatorProcess:
         line = self._read_ready_line()
         match = _READY_LINE.match(line)
         if match is None:
+            self._keep_log = True
             self.close()
             raise ValidatorStartError(
                 f"the FHIR validator printed {line!r} instead of 'READY port=N'; see {self.log_path}"
@@ -372,10 +374,12 @@ class ValidatorProcess:
                         return line.strip()
                 if self._process.poll() is not None:
                     code = self._process.returncode
+                    self._keep_log = True
                     self.close()
                     raise ValidatorStartError(
                         f"the FHIR validator exited with code {code} during start-up; see {self.log_path}"
                     )
+        self._keep_log = True
         self.close()
         raise ValidatorStartError(
             f"the FHIR validator was not ready within {self.start_timeout_s:.0f} s; see {self.log_path}"
@@ -409,7 +413,7 @@ class ValidatorProcess:
         return self._client.request(method, path, content=body)
 
     def close(self) -> None:
-        """Stop the server by closing its standard input; kill it if it has not exited after 10 s."""
+        """Stop the server by closing its standard input, and kill it if it has not exited after 10 s."""
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -423,11 +427,15 @@ class ValidatorProcess:
                 logger.warning("FHIR validator did not exit after stdin closed; killing pid=%s", process.pid)
                 process.kill()
                 process.wait()
+                self._keep_log = True
             if process.stdout is not None:
                 process.stdout.close()
             logger.info("FHIR validator stopped exit_code=%s", process.returncode)
+            self._keep_log = self._keep_log or process.returncode != 0
         if self._log is not None:
             self._log.close()
+            if not self._keep_log:
+                Path(self._log.name).unlink(missing_ok=True)
 
 
 def _report_from_response(response: httpx.Response) -> ValidationReport:
@@ -435,12 +443,12 @@ def _report_from_response(response: httpx.Response) -> ValidationReport:
         outcome = response.json()
     except ValueError as error:
         raise ValidatorRequestError(
-            f"the FHIR validator answered HTTP {response.status_code} with a body that is not JSON: "
+            f"the FHIR validator responded with HTTP {response.status_code} and a body that is not JSON: "
             f"{response.text[:200]!r}"
         ) from error
     if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
         raise ValidatorRequestError(
-            f"the FHIR validator answered HTTP {response.status_code} without an OperationOutcome: "
+            f"the FHIR validator responded with HTTP {response.status_code} but no OperationOutcome: "
             f"{response.text[:200]!r}"
         )
     if response.status_code != 200:

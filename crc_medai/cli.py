@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         tool = commands.add_parser(name, help=help_text, add_help=False)
         tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
 
+    validate = commands.add_parser(
+        "validate", help="validate FHIR R4 files with the HAPI FHIR instance validator (base R4 profiles)"
+    )
+    validate.add_argument("paths", type=Path, nargs="+", help="FHIR R4 JSON or XML files, or folders of them")
+    validate.add_argument("-v", "--verbose", action="store_true", help="print warnings and information issues too")
+
     schemas = commands.add_parser("schemas", help="export the JSON Schema of every message")
     schemas.add_argument("--out", type=Path, default=REPO_ROOT / "schemas" / "json")
     return parser
@@ -142,6 +148,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from crc_medai.demo import run_demo
 
         return run_demo(video=args.video, records=args.records, realtime=not args.fast, timeout_s=args.timeout)
+    if args.command == "validate":
+        from consumers.validation import run_validate_command
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # httpx logs every request at INFO
+        return run_validate_command(args.paths, verbose=args.verbose)
     if args.command == "schemas":
         from schemas.export import export_json_schemas
 

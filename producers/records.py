@@ -76,6 +76,10 @@ def load_bundle(path: Path) -> tuple[str, dict[str, Any]]:
 
     try:
         Bundle.model_validate(data)
+    except KeyError as exc:  # fhir.resources has no R4B model for this resourceType (e.g. an R5 type)
+        raise RecordFileError(
+            f"{path.name}: resourceType {exc.args[0]!r} is not FHIR R4; convert R5 resources before sending"
+        ) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RecordFileError(
