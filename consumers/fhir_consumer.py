@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.resources import finding_observation, risk_observation
+from crc_medai import metrics
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.app import create_app, process_with_dead_letter, raw_topic
@@ -52,6 +53,7 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
         )
         write_resource(settings.output_dir, resource)
         await resources.send(key=resource["id"].encode(), value=event.to_bytes())
+        metrics.record_fhir_delivery(SERVICE, source.source_ts)
 
     async def handle_finding(key: bytes | None, value: bytes | None) -> None:
         finding = PolypFinding.from_bytes(value)

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     prognosis_model_path: Path = REPO_ROOT / "processors" / "prognosis" / "weights" / "recurrence_survival_catboost.cbm"
     detection_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
+    # Monitoring
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz; 0 turns the server off."
+    )
+    metrics_host: str = "127.0.0.1"
+
     # Output of the FHIR consumer for people to read
     output_dir: Path = REPO_ROOT / "out"
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import faust
 from faust.types import StreamT
 
+from crc_medai import metrics
 from crc_medai.kafka import dead_letter_headers
 from crc_medai.settings import Settings
 
@@ -20,9 +21,27 @@ logger = logging.getLogger(__name__)
 #: Handles one record: (key, value) -> None. Raises to send the record to the dead-letter topic.
 RecordHandler = Callable[[bytes | None, bytes | None], Awaitable[None]]
 
+#: Seconds between two updates of the consumer lag gauges.
+LAG_INTERVAL_S = 2.0
+
+#: Faust's internal partition-assignor topic; it carries no records, so its lag is not reported.
+FAUST_LEADER_TOPIC_SUFFIX = "__assignor-__leader"
+
 
 def create_app(settings: Settings, service: str) -> faust.App:
-    """Create the Faust app of ``service``; its id is the service's consumer group."""
+    """Create the Faust app of ``service``; its id is the service's consumer group.
+
+    When a metrics port is set, the app also serves /metrics, /healthz and
+    /readyz (see :mod:`crc_medai.metrics`) and updates its consumer lag gauges.
+    """
+    app = _faust_app(settings, service)
+    server = metrics.start_metrics_server(settings, service)
+    if server is not None:
+        _instrument(app, settings, service, server)
+    return app
+
+
+def _faust_app(settings: Settings, service: str) -> faust.App:
     return faust.App(
         settings.group(service),
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
@@ -37,6 +56,68 @@ def create_app(settings: Settings, service: str) -> faust.App:
         broker_commit_every=100,
         broker_commit_interval=1.0,
     )
+
+
+def _instrument(app: faust.App, settings: Settings, service: str, server: metrics.MetricsServer) -> None:
+    """Add the store readiness check, mark the worker started and keep the lag gauges current."""
+    health = metrics.health(service)
+    if service == "detection":
+        health.add_check("store", lambda: _check_minio(settings))
+    elif service == "fhir-consumer":
+        health.add_check("store", lambda: metrics.check_writable(settings.output_dir))
+
+    @app.task
+    async def mark_started() -> None:
+        # The worker runs tasks only after build_app returned, so the model is loaded by now.
+        health.started = True
+        logger.info("worker started service=%s", service)
+
+    @app.timer(interval=LAG_INTERVAL_S)
+    async def update_consumer_lag() -> None:
+        _update_consumer_lag(app, service)
+
+    @app.on_before_shutdown.connect
+    async def close_metrics_server(app_: object, **_: object) -> None:
+        health.started = False
+        server.close()
+
+
+def _check_minio(settings: Settings) -> str:
+    from crc_medai.storage import create_minio
+
+    # A TCP connect first, because the MinIO client retries a refused connection for several seconds.
+    metrics.check_reachable(settings.minio_endpoint, "MinIO")
+    if not create_minio(settings).bucket_exists(settings.heatmap_bucket):
+        raise LookupError(
+            f"bucket {settings.heatmap_bucket} not found in MinIO at {settings.minio_endpoint}; "
+            "the detection processor creates it at start-up"
+        )
+    return f"ok bucket {settings.heatmap_bucket}"
+
+
+_lag_partitions: set[tuple[str, str, str]] = set()
+
+
+def _update_consumer_lag(app: faust.App, service: str) -> None:
+    """Set crc_consumer_lag_messages for every assigned partition and drop revoked ones."""
+    consumer = app.consumer
+    current: set[tuple[str, str, str]] = set()
+    for tp in consumer.assignment():
+        if tp.topic.endswith(FAUST_LEADER_TOPIC_SUFFIX):
+            continue
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        # NOTE: Faust keeps the group's committed offsets in a private attribute (faust-streaming 0.15);
+        # None means nothing committed yet, so the whole partition counts as lag.
+        committed = consumer._committed_offset.get(tp)
+        labels = (service, tp.topic, str(tp.partition))
+        metrics.CONSUMER_LAG.labels(*labels).set(max(highwater - (committed or 0), 0))
+        current.add(labels)
+    for labels in _lag_partitions - current:
+        metrics.CONSUMER_LAG.remove(*labels)
+    _lag_partitions.clear()
+    _lag_partitions.update(current)
 
 
 def raw_topic(app: faust.App, settings: Settings, logical_name: str) -> faust.TopicT:
@@ -63,10 +144,12 @@ async def process_with_dead_letter(
     The failed record keeps its key and value; the headers carry the error and
     its origin (topic, partition, offset). The stream goes on with the next record.
     """
+    metrics.declare_topics(service, tuple(getattr(stream.channel, "topics", ())))
     async for event in stream.events():
         message = event.message
         try:
             await handle(event.key, event.value)
+            metrics.record_processed(service, message.topic)
         except Exception as exc:  # noqa: BLE001 - every failure is dead-lettered, never swallowed
             level = logging.WARNING if _is_input_error(exc) else logging.ERROR
             logger.log(
@@ -79,6 +162,7 @@ async def process_with_dead_letter(
                 exc,
                 exc_info=level == logging.ERROR,
             )
+            metrics.record_dead_letter(service, message.topic)
             await dead_letter.send(
                 key=event.key,
                 value=event.value,

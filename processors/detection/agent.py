@@ -16,6 +16,7 @@ import time
 import cv2
 import numpy as np
 
+from crc_medai import metrics
 from crc_medai.errors import ProcessingError
 from crc_medai.settings import Settings
 from crc_medai.storage import create_minio, ensure_bucket, put_png
@@ -99,9 +100,11 @@ class FrameDetector:
             if prediction.region is not None:
                 x, y, width, height = prediction.region
                 region = Region(x=x, y=y, width=max(width, 1), height=max(height, 1))
+            heatmap_started = time.perf_counter()
             explanation = self.explainer.explain(image)
             key = heatmap_key(frame)
             put_png(self.minio, self.settings.heatmap_bucket, key, explanation.overlay_png)
+            metrics.HEATMAP_SECONDS.observe(time.perf_counter() - heatmap_started)
             method = explanation.method
 
         return DetectionResult(
@@ -129,6 +132,7 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
     findings = raw_topic(app, settings, PolypFinding.topic)
     dead_letter = raw_topic(app, settings, f"dlq.{SERVICE}")
     detector = FrameDetector(settings)
+    metrics.record_model(SERVICE, detector.model_ref.name, detector.model_ref.version)
     # NOTE: open tracks live in this worker's memory. After a rebalance moves a
     # procedure's partition, the new owner starts fresh tracks for that procedure.
     tracker = FindingTracker()
@@ -160,6 +164,7 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
         frame = Frame.from_bytes(value)
         result = await asyncio.to_thread(detector.process, frame)
         await detections.send(key=frame.procedure_id.encode(), value=result.to_bytes())
+        metrics.observe_detection(SERVICE, result.model.name, result.inference_ms, result.flagged, frame.captured_at)
         await publish_findings(tracker.update(result))
         logger.debug(
             "frame processed procedure=%s sequence=%s probability=%.3f",

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from crc_medai import metrics
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.app import create_app, process_with_dead_letter, raw_topic
@@ -55,11 +56,8 @@ class RecordScorer:
             model_output=prediction.log_hazard,
             probabilities=[HorizonProbability(**item.model_dump()) for item in prediction.probabilities],
             top_contributions=prediction.top_contributions(3),
-            decision_path=[
-                *(step.text for step in prediction.decision_path.steps),
-                prediction.decision_path.conclusion,
-            ],
-            decision_path_fidelity_r2=prediction.decision_path.fidelity_r2,
+            decision_path=[*(step.text for step in path.steps), path.conclusion],
+            decision_path_fidelity_r2=path.fidelity_r2,
         )
 
 
@@ -70,12 +68,14 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
     prognoses = raw_topic(app, settings, PrognosisResult.topic)
     dead_letter = raw_topic(app, settings, f"dlq.{SERVICE}")
     scorer = RecordScorer(settings)
+    metrics.record_model(SERVICE, scorer.model_ref.name, scorer.model_ref.version)
     logger.info("prognosis processor ready model=%s version=%s", scorer.model_ref.name, scorer.model_ref.version)
 
     async def handle(key: bytes | None, value: bytes | None) -> None:
         record = PatientRecord.from_bytes(value)
         result = await asyncio.to_thread(scorer.process, record)
         await prognoses.send(key=record.patient_id.encode(), value=result.to_bytes())
+        metrics.observe_prognosis(SERVICE, result.model.name, result.inference_ms, record.source_ts)
         logger.info(
             "record scored patient=%s probability=%.3f risk_group=%s",
             pseudonym(record.patient_id),
