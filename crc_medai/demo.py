@@ -276,7 +276,7 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
     lines += [
         "where to find every output:",
         f"  Kafka topics ({settings.kafka_bootstrap_servers}): {settings.topic('detections')}, "
-        f"{settings.topic('prognoses')}, {settings.topic('fhir-resources')}, {settings.topic('dlq.*')}",
+        f"{settings.topic('findings')}, {settings.topic('prognoses')}, {settings.topic('fhir-resources')}, {settings.topic('dlq.*')}",
         f"  heatmaps: MinIO bucket {settings.heatmap_bucket} at http://{settings.minio_endpoint} "
         f"(keys heatmaps/<procedure>/...)",
         f"  FHIR resources: {run_dir / 'fhir'}",

@@ -1,0 +1,1 @@
+"""Polyp detection: frame generator, U-Net detector, Grad-CAM explanations, training."""

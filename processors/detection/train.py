@@ -1,0 +1,281 @@
+"""Train the polyp detector on frames generated on the fly by ``synth``.
+
+Loss: Dice + binary cross-entropy on the mask logits, plus binary
+cross-entropy on the presence logit. Optimiser: AdamW with a one-cycle
+learning-rate schedule.
+
+Frames come in pairs: the same scene with and without polyps. Trained on
+independent frames for 450 steps at input size 192, the presence head stayed
+at chance level (held-out AUC 0.56), most likely because scenes differ in
+many ways besides the polyp. In a pair the polyp is the only difference.
+
+Generating a 256-pixel frame costs about half the CPU time that a training
+step spends per frame at input size 128. The trainer therefore keeps a pool of
+generated pairs and draws each batch from it with random flips and colour
+jitter. After each step it replaces a few pairs with new ones, so every pair
+is used a few times before it leaves the pool.
+
+Example::
+
+    python -m processors.detection.train --out processors/detection/weights/polyp_unet.pt --seed 0 --steps 1000 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as functional
+
+from processors.detection.errors import ParameterError
+from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector
+from processors.detection.synth import SyntheticFrame, render_frame_pair
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Settings of one training run; stored in the weights file."""
+
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    frame_size: int = 256
+    input_size: int = DEFAULT_INPUT_SIZE
+    pool_size: int = 384
+    pool_refresh: int = 4
+    presence_weight: float = 1.0
+
+
+class FramePool:
+    """Generated frames and masks, drawn at random and refreshed a few at a time.
+
+    The pool contains pairs of the same scene with and without polyps (see
+    ``synth.render_frame_pair``), and a batch is made of whole pairs.
+    """
+
+    def __init__(self, rng: np.random.Generator, config: TrainingConfig) -> None:
+        self._rng = rng
+        self._config = config
+        self.pairs: list[tuple[SyntheticFrame, SyntheticFrame]] = [self._generate() for _ in range(config.pool_size // 2)]
+
+    def _generate(self) -> tuple[SyntheticFrame, SyntheticFrame]:
+        return render_frame_pair(self._rng, size=self._config.frame_size)
+
+    def refresh(self) -> None:
+        """Replace ``pool_refresh`` frames (as pairs) with new ones."""
+        count = self._config.pool_refresh // 2
+        for index in self._rng.choice(len(self.pairs), size=count, replace=False):
+            self.pairs[index] = self._generate()
+
+    def sample(self, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Draw ``count`` frames and masks as whole pairs, each pair flipped and colour-jittered at random."""
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for index in self._rng.choice(len(self.pairs), size=count // 2, replace=False):
+            flip = int(self._rng.integers(-1, 3))
+            colour = ColourJitter.sample(self._rng)
+            for frame in self.pairs[index]:
+                image, mask = colour.apply(frame.image), frame.mask
+                if flip < 2:
+                    # cv2.flip codes: 0 vertical, 1 horizontal, -1 both.
+                    image, mask = cv2.flip(image, flip), cv2.flip(mask, flip)
+                images.append(image)
+                masks.append(mask)
+        return images, masks
+
+
+@dataclass(frozen=True)
+class ColourJitter:
+    """A global hue, saturation and brightness change of a frame.
+
+    Without it the network learns absolute colours: a pale polyp on a deep red
+    wall has the colour of a pale wall elsewhere, and the network then marks
+    pale walls as polyp. Jitter leaves only the contrast to the wall as a cue.
+    """
+
+    hue_shift: float
+    saturation_gain: float
+    value_gain: float
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> ColourJitter:
+        # OpenCV stores 8-bit hue as degrees / 2, so a shift of 10 is 20 degrees.
+        return cls(hue_shift=rng.uniform(-10.0, 10.0), saturation_gain=rng.uniform(0.6, 1.4), value_gain=rng.uniform(0.7, 1.3))
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV).astype(np.float32)
+        hsv[..., 0] = np.mod(hsv[..., 0] + self.hue_shift, 180.0)
+        hsv[..., 1] = np.clip(hsv[..., 1] * self.saturation_gain, 0.0, 255.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] * self.value_gain, 0.0, 255.0)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)
+
+
+def mask_targets(masks: list[np.ndarray], input_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize masks to the network input and return (mask targets (N,1,H,W), presence targets (N,1))."""
+    resized = np.stack([cv2.resize(mask, (input_size, input_size), interpolation=cv2.INTER_NEAREST) for mask in masks])
+    mask_tensor = torch.from_numpy((resized > 127).astype(np.float32))[:, None].to(device)
+    presence = torch.tensor([[float(mask.any())] for mask in masks], dtype=torch.float32, device=device)
+    return mask_tensor, presence
+
+
+def train(
+    config: TrainingConfig, out: Path, encoder_weights: Path | None = None, version: str = "0.1.0", log_every: int = 25
+) -> PolypDetector:
+    """Train a detector, write it to ``out`` and return it."""
+    _check_config(config)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    detector = PolypDetector.create(
+        NetworkConfig(input_size=config.input_size), name="polyp-unet", version=version, encoder_weights=encoder_weights
+    )
+    network = detector.network.train()
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1)
+    dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True)
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    pool = FramePool(rng, config)
+    logger.info("frame pool ready frames=%d seconds=%.1f", config.pool_size, time.perf_counter() - started)
+
+    running: dict[str, float] = {"dice": 0.0, "mask_bce": 0.0, "presence_bce": 0.0}
+    for step in range(1, config.steps + 1):
+        images, masks = pool.sample(config.batch_size)
+        inputs = detector.preprocess(images)
+        mask_target, presence_target = mask_targets(masks, config.input_size, detector.device)
+
+        mask_logits, presence_logits = network(inputs)
+        losses = {
+            "dice": dice_loss(mask_logits, mask_target),
+            "mask_bce": functional.binary_cross_entropy_with_logits(mask_logits, mask_target),
+            "presence_bce": config.presence_weight
+            * functional.binary_cross_entropy_with_logits(presence_logits, presence_target),
+        }
+        optimiser.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimiser.step()
+        schedule.step()
+        pool.refresh()
+
+        for name, value in losses.items():
+            running[name] += float(value.detach())
+        if step % log_every == 0 or step == config.steps:
+            _log_progress(step, config, running, log_every, schedule.get_last_lr()[0], started, cpu_started)
+            running = dict.fromkeys(running, 0.0)
+
+    elapsed = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
+    detector.network.eval()
+    training = {
+        "data": "synthetic frames from processors.detection.synth, generated during training",
+        "seed": config.seed,
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "frame_size": config.frame_size,
+        "pool_size": config.pool_size,
+        "pool_refresh": config.pool_refresh,
+        "frames": "pairs of the same scene with and without polyps",
+        "encoder_weights": encoder_weights.name if encoder_weights else None,
+        "seconds": round(elapsed, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    detector.save(out, {"training": training})
+    logger.info("training finished steps=%d seconds=%.1f cpu_seconds=%.1f out=%s", config.steps, elapsed, cpu_seconds, out)
+    return detector
+
+
+def _log_progress(
+    step: int,
+    config: TrainingConfig,
+    running: dict[str, float],
+    log_every: int,
+    learning_rate: float,
+    started: float,
+    cpu_started: float,
+) -> None:
+    steps_in_window = step % log_every or log_every
+    means = {name: total / steps_in_window for name, total in running.items()}
+    logger.info(
+        "step=%d/%d dice=%.4f mask_bce=%.4f presence_bce=%.4f lr=%.2e elapsed_s=%.0f cpu_s=%.0f",
+        step,
+        config.steps,
+        means["dice"],
+        means["mask_bce"],
+        means["presence_bce"],
+        learning_rate,
+        time.perf_counter() - started,
+        time.process_time() - cpu_started,
+    )
+
+
+def _check_config(config: TrainingConfig) -> None:
+    if config.steps < 1:
+        raise ParameterError(f"steps={config.steps} is invalid; train for at least 1 step")
+    if not 2 <= config.batch_size <= config.pool_size:
+        raise ParameterError(f"batch_size={config.batch_size} is invalid; use 2 to pool_size={config.pool_size}")
+    if not 2 <= config.pool_refresh <= config.pool_size:
+        raise ParameterError(f"pool_refresh={config.pool_refresh} is invalid; use 2 to pool_size={config.pool_size}")
+    if config.batch_size % 2 or config.pool_size % 2 or config.pool_refresh % 2:
+        raise ParameterError(
+            f"batch_size={config.batch_size}, pool_size={config.pool_size} and pool_refresh={config.pool_refresh} "
+            "must be even, because frames come in pairs with and without polyps"
+        )
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = TrainingConfig()
+    parser = argparse.ArgumentParser(description="Train the polyp U-Net on generated endoscopy frames.")
+    parser.add_argument("--out", type=Path, required=True, help="path of the weights file to write")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the generator and of torch (default 0)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimiser steps (default {defaults.steps})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"frames per step (default {defaults.batch_size})")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help=f"peak AdamW learning rate (default {defaults.learning_rate})")
+    parser.add_argument("--frame-size", type=int, default=defaults.frame_size, help=f"side of generated frames in pixels (default {defaults.frame_size})")
+    parser.add_argument("--input-size", type=int, default=defaults.input_size, help=f"side of the network input in pixels, a multiple of 32 (default {defaults.input_size})")
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help=f"generated frames kept in memory (default {defaults.pool_size})")
+    parser.add_argument("--pool-refresh", type=int, default=defaults.pool_refresh, help=f"pool frames replaced per step (default {defaults.pool_refresh})")
+    parser.add_argument("--presence-weight", type=float, default=defaults.presence_weight, help=f"weight of the presence loss against the mask losses (default {defaults.presence_weight})")
+    parser.add_argument("--encoder-weights", type=Path, default=None, help="optional ImageNet encoder state dict on disk to start from; nothing is downloaded")
+    parser.add_argument("--version", default="0.1.0", help="model version stored in the weights file (default 0.1.0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--log-every", type=int, default=25, help="steps between progress lines (default 25)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and train."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = _parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = TrainingConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        frame_size=args.frame_size,
+        input_size=args.input_size,
+        pool_size=args.pool_size,
+        pool_refresh=args.pool_refresh,
+        presence_weight=args.presence_weight,
+    )
+    logger.info("training started config=%s encoder_weights=%s", config, args.encoder_weights)
+    train(config, args.out, encoder_weights=args.encoder_weights, version=args.version, log_every=args.log_every)
+
+
+if __name__ == "__main__":
+    main()
