@@ -1,9 +1,9 @@
 """The main job: sample video and patient records in, FHIR resources out, over the real stack.
 
-The demo starts the local stack and the three services, publishes the sample
-video and Bundles under a topic prefix of its own, then reads back the result
-topics, checks the heatmap objects in MinIO and prints a summary built only
-from what came back.
+The demo starts the local stack and the three services. It publishes the
+sample video and Bundles under a topic prefix of its own, then reads back the
+result topics and checks the heatmap objects in MinIO. The summary it prints
+is built only from what came back.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RESULT_TOPICS = ("detections", "findings", "prognoses", "fhir-resources", *DEAD_
 
 @dataclass
 class Results:
-    """What came back through Kafka for one run, parsed."""
+    """Parsed results of one run, as read back from Kafka."""
 
     detections: list[DetectionResult] = field(default_factory=list)
     findings: list[PolypFinding] = field(default_factory=list)
@@ -128,7 +128,7 @@ async def _stream_and_collect(
     def stopped_services() -> list[str]:
         return [name for name, process in processes.items() if process.poll() is not None]
 
-    # Stop waiting as soon as a service has died: its log says why, and waiting longer cannot help.
+    # Stop waiting as soon as a service has died, because no more results can come. Its log has the cause.
     received = await collect_records(
         settings,
         RESULT_TOPICS,
@@ -276,7 +276,8 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
     lines += [
         "where to find every output:",
         f"  Kafka topics ({settings.kafka_bootstrap_servers}): {settings.topic('detections')}, "
-        f"{settings.topic('findings')}, {settings.topic('prognoses')}, {settings.topic('fhir-resources')}, {settings.topic('dlq.*')}",
+        f"{settings.topic('findings')}, {settings.topic('prognoses')}, "
+        f"{settings.topic('fhir-resources')}, {settings.topic('dlq.*')}",
         f"  heatmaps: MinIO bucket {settings.heatmap_bucket} at http://{settings.minio_endpoint} "
         f"(keys heatmaps/<procedure>/...)",
         f"  FHIR resources: {run_dir / 'fhir'}",

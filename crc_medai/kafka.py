@@ -84,7 +84,7 @@ async def ensure_topics(settings: Settings, names: Iterable[str] = DATA_TOPICS +
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [
+        missing = [
             NewTopic(
                 name=settings.topic(name),
                 num_partitions=1 if name.startswith("dlq.") else settings.topic_partitions,
@@ -93,12 +93,12 @@ async def ensure_topics(settings: Settings, names: Iterable[str] = DATA_TOPICS +
             for name in names
             if settings.topic(name) not in existing
         ]
-        if wanted:
+        if missing:
             try:
-                await admin.create_topics(wanted)
+                await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 logger.debug("topics created concurrently by another client")
-            logger.info("created topics %s", ",".join(topic.name for topic in wanted))
+            logger.info("created topics %s", ",".join(topic.name for topic in missing))
     finally:
         await admin.close()
 
