@@ -25,13 +25,12 @@ from processors.detection.train import TrainingConfig, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_WEIGHTS = REPO_ROOT / "processors" / "detection" / "weights" / "polyp_unet.pt"
-#: Floors a margin below what the shipped weights measured on 400 held-out
-#: generated frames (see the model card); the test set here is smaller.
-# Floors a margin below what the shipped weights measured on this 48-frame set
-# (seed 2024): sensitivity 0.54, specificity 0.75, mean Dice 0.35.
-SENSITIVITY_FLOOR = 0.45
-SPECIFICITY_FLOOR = 0.65
-DICE_FLOOR = 0.30
+#: Floors a margin below what the shipped weights measured on this 48-frame set
+#: (seed 2024): sensitivity 0.92, specificity 0.96, mean Dice 0.65. On 400
+#: held-out frames they measured 0.83, 0.94 and 0.69 (see the model card).
+SENSITIVITY_FLOOR = 0.70
+SPECIFICITY_FLOOR = 0.80
+DICE_FLOOR = 0.50
 #: A small architecture so that tests that build networks stay fast.
 TINY_CONFIG = NetworkConfig(decoder_channels=(16, 16, 8, 8, 8), input_size=64)
 
@@ -63,7 +62,7 @@ def test_predict_mixed_sizes(detector: PolypDetector) -> None:
     predictions = detector.predict(frames)
 
     assert len(predictions) == len(frames)
-    for (height, width), prediction in zip(sizes, predictions):
+    for (height, width), prediction in zip(sizes, predictions, strict=True):
         assert 0.0 <= prediction.probability <= 1.0
         assert prediction.mask.shape == (height, width)
         assert prediction.mask.dtype == bool
@@ -86,7 +85,7 @@ def test_predict_batch_equals_single(detector: PolypDetector) -> None:
     batch = detector.predict(frames)
     single = [detector.predict([frame])[0] for frame in frames]
 
-    for together, alone in zip(batch, single):
+    for together, alone in zip(batch, single, strict=True):
         assert together.probability == pytest.approx(alone.probability, abs=1e-4)
         assert (together.mask != alone.mask).mean() < 0.001
 
@@ -246,21 +245,19 @@ def test_gradcam_heatmap_and_overlay(detector: PolypDetector) -> None:
     assert "encoder stage" in explanation.method
 
 
-# NOTE: the shipped demo weights use a 128-pixel input, so the last encoder
-# stage is 4x4 and Grad-CAM there does not localise: its peak fell inside the
-# polyp mask on 1 of 30 generated frames (seed 77). This strict xfail turns into
-# a failure once a model localises, so the floor gets raised then.
-@pytest.mark.xfail(strict=True, reason="shipped demo weights: Grad-CAM peak inside the polyp on 1/30 frames")
 def test_gradcam_points_at_polyps(detector: PolypDetector) -> None:
+    # The last encoder stage is 4x4 at input size 128, so the heatmap is
+    # coarse: its peak often misses small polyps, but the polyp area is hotter
+    # on average than the rest (18 of these 20 frames with the shipped weights).
     rng = np.random.default_rng(77)
     inside_higher = 0
     with GradCamExplainer(detector) as explainer:
-        for _ in range(6):
+        for _ in range(20):
             image, mask = generate_frame(rng, size=256, with_polyp=True)
             heatmap = explainer.explain(image).heatmap
             inside_higher += heatmap[mask > 0].mean() > heatmap[mask == 0].mean()
 
-    assert inside_higher >= 5
+    assert inside_higher >= 15
 
 
 def test_gradcam_releases_hooks(detector: PolypDetector) -> None:

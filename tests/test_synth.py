@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -123,7 +124,7 @@ def test_procedure_same_seed_same_video() -> None:
     first = list(synth.generate_procedure(seed=11, seconds=2, fps=3, size=64))
     second = list(synth.generate_procedure(seed=11, seconds=2, fps=3, size=64))
 
-    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, second))
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, second, strict=True))
     assert [a.polyp_ids for a in first] == [b.polyp_ids for b in second]
 
 
@@ -143,7 +144,10 @@ def test_ground_truth_summary() -> None:
         {"polyp_id": 1, "frame_ranges": [[1, 2], [5, 5]]},
         {"polyp_id": 2, "frame_ranges": [[4, 5]]},
     ]
-    assert [(e["first_frame"], e["last_frame"], e["polyp_ids"]) for e in truth["episodes"]] == [(1, 2, [1]), (4, 5, [1, 2])]
+    assert [(e["first_frame"], e["last_frame"], e["polyp_ids"]) for e in truth["episodes"]] == [
+        (1, 2, [1]),
+        (4, 5, [1, 2]),
+    ]
     assert truth["episodes"][1]["first_time_s"] == 2.0
 
 
@@ -175,5 +179,5 @@ def test_demo_video_has_polyp_episodes() -> None:
     assert truth["frame_count"] == 300
     assert len(truth["episodes"]) >= 3
     assert not truth["polyp_present"][0]
-    gaps = [later["first_frame"] - earlier["last_frame"] - 1 for earlier, later in zip(truth["episodes"], truth["episodes"][1:])]
+    gaps = [later["first_frame"] - earlier["last_frame"] - 1 for earlier, later in pairwise(truth["episodes"])]
     assert min(gaps) >= truth["fps"]

@@ -66,12 +66,16 @@ def iter_labelled_frames(root: Path) -> Iterator[LabelledFrame]:
     masks_by_stem = {path.stem: path for path in _image_files(root / mask_folder)}
     images = _image_files(root / image_folder)
     if not images:
-        raise DatasetLayoutError(f"data set folder {root / image_folder} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DatasetLayoutError(
+            f"data set folder {root / image_folder} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
 
     for image_path in images:
         mask_path = masks_by_stem.get(image_path.stem)
         if mask_path is None:
-            raise DatasetLayoutError(f"image {image_path} has no mask named {image_path.stem}.* in {root / mask_folder}")
+            raise DatasetLayoutError(
+                f"image {image_path} has no mask named {image_path.stem}.* in {root / mask_folder}"
+            )
         image = _read(image_path, cv2.IMREAD_COLOR)
         mask = _read(mask_path, cv2.IMREAD_GRAYSCALE)
         if mask.shape != image.shape[:2]:
@@ -87,5 +91,7 @@ def _image_files(folder: Path) -> list[Path]:
 def _read(path: Path, flags: int) -> np.ndarray:
     image = cv2.imread(str(path), flags)
     if image is None:
-        raise DatasetLayoutError(f"file {path} could not be decoded as an image; check that it is a readable PNG, JPEG, TIFF or BMP")
+        raise DatasetLayoutError(
+            f"file {path} could not be decoded as an image; check that it is a readable PNG, JPEG, TIFF or BMP"
+        )
     return image

@@ -1,4 +1,4 @@
-"""Evaluate a detector on held-out generated frames or on a labelled data set folder.
+r"""Evaluate a detector on held-out generated frames or on a labelled data set folder.
 
 Segmentation: Dice and IoU of the predicted mask per frame that shows a
 polyp, averaged over those frames. Presence: per-frame sensitivity (flagged
@@ -8,8 +8,10 @@ is at least the threshold.
 
 Examples::
 
-    python -m processors.detection.evaluate --weights processors/detection/weights/polyp_unet.pt --frames 400 --seed 1000
-    python -m processors.detection.evaluate --weights processors/detection/weights/polyp_unet.pt --data-dir ~/data/Kvasir-SEG
+    python -m processors.detection.evaluate \
+        --weights processors/detection/weights/polyp_unet.pt --frames 400 --seed 1000
+    python -m processors.detection.evaluate \
+        --weights processors/detection/weights/polyp_unet.pt --data-dir ~/data/Kvasir-SEG
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ def evaluate(
 
     for batch in _batches(iter(labelled_frames), BATCH_SIZE):
         predictions = detector.predict([image for _, image, _ in batch])
-        for (name, _, truth), prediction in zip(batch, predictions):
+        for (name, _, truth), prediction in zip(batch, predictions, strict=True):
             has_polyp = bool(truth.any())
             flagged = prediction.probability >= threshold
-            row: dict = {"name": name, "polyp": has_polyp, "probability": round(prediction.probability, 4), "flagged": flagged}
+            row: dict = {
+                "name": name,
+                "polyp": has_polyp,
+                "probability": round(prediction.probability, 4),
+                "flagged": flagged,
+            }
             if has_polyp:
                 dice, iou = dice_and_iou(prediction.mask, truth)
                 dices.append(dice)
@@ -116,11 +123,25 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate the polyp detector.")
     parser.add_argument("--weights", type=Path, required=True, help="weights file to evaluate")
-    parser.add_argument("--frames", type=int, default=400, help="number of generated frames, half with a polyp (default 400)")
-    parser.add_argument("--seed", type=int, default=1000, help="generator seed of the held-out frames; use another seed than training (default 1000)")
+    parser.add_argument(
+        "--frames", type=int, default=400, help="number of generated frames, half with a polyp (default 400)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1000,
+        help="generator seed of the held-out frames; use another seed than training (default 1000)",
+    )
     parser.add_argument("--size", type=int, default=256, help="side of generated frames in pixels (default 256)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="presence probability at which a frame is flagged (default 0.5)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="evaluate on a Kvasir-SEG or CVC-ClinicDB folder instead of generated frames")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="presence probability at which a frame is flagged (default 0.5)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="evaluate on a Kvasir-SEG or CVC-ClinicDB folder instead of generated frames",
+    )
     parser.add_argument("--per-frame", action="store_true", help="also print one JSON line per frame")
     return parser.parse_args(argv)
 

@@ -85,7 +85,8 @@ def last_encoder_stage(network: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         return stages[stride][-1], f"encoder stage {len(encoder.out_channels) - 1} (stride {stride})"
 
     raise DetectionError(
-        f"cannot find the last stage of encoder {type(encoder).__name__} for Grad-CAM; use a timm (tu-) or an smp encoder with get_stages()"
+        f"cannot find the last stage of encoder {type(encoder).__name__} for Grad-CAM; "
+        "use a timm (tu-) encoder or an smp encoder with get_stages()"
     )
 
 

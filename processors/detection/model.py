@@ -75,7 +75,9 @@ def build_network(config: NetworkConfig) -> smp.Unet:
     if config.presence_pooling not in ("max", "avg"):
         raise ParameterError(f"presence_pooling={config.presence_pooling!r} is invalid; use 'max' or 'avg'")
     if config.input_size % 32 != 0:
-        raise ParameterError(f"input_size={config.input_size} is not a multiple of 32, which the U-Net needs; use for example 224 or 256")
+        raise ParameterError(
+            f"input_size={config.input_size} is not a multiple of 32, which the U-Net needs; use for example 224 or 256"
+        )
     return smp.Unet(
         encoder_name=config.encoder,
         encoder_weights=None,
@@ -90,18 +92,26 @@ def build_network(config: NetworkConfig) -> smp.Unet:
 def validate_frame(frame: object, index: int = 0) -> np.ndarray:
     """Return ``frame`` if it is a non-empty BGR uint8 image, else raise ``InvalidFrameError``."""
     if not isinstance(frame, np.ndarray):
-        raise InvalidFrameError(f"frame {index} is a {type(frame).__name__}; expected a numpy.ndarray decoded by OpenCV")
+        raise InvalidFrameError(
+            f"frame {index} is a {type(frame).__name__}; expected a numpy.ndarray decoded by OpenCV"
+        )
     if frame.dtype != np.uint8:
-        raise InvalidFrameError(f"frame {index} has dtype {frame.dtype}; expected uint8 (convert with frame.astype(np.uint8) after scaling to 0-255)")
+        raise InvalidFrameError(
+            f"frame {index} has dtype {frame.dtype}; expected uint8 "
+            "(convert with frame.astype(np.uint8) after scaling to 0-255)"
+        )
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise InvalidFrameError(
-            f"frame {index} has shape {frame.shape}; expected (height, width, 3) BGR (convert grayscale with cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
+            f"frame {index} has shape {frame.shape}; expected (height, width, 3) BGR "
+            "(convert grayscale with cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
         )
     height, width = frame.shape[:2]
     if height == 0 or width == 0:
         raise InvalidFrameError(f"frame {index} has size {width}x{height}; expected at least 1x1 pixels")
     if height > MAX_FRAME_SIDE or width > MAX_FRAME_SIDE:
-        raise InvalidFrameError(f"frame {index} has size {width}x{height}; each side must be at most {MAX_FRAME_SIDE} pixels")
+        raise InvalidFrameError(
+            f"frame {index} has size {width}x{height}; each side must be at most {MAX_FRAME_SIDE} pixels"
+        )
     return frame
 
 
@@ -181,7 +191,9 @@ class PolypDetector:
         """
         path = Path(path)
         if not path.is_file():
-            raise WeightsFileError(f"weights file {path} not found; train one with `python -m processors.detection.train --out {path}`")
+            raise WeightsFileError(
+                f"weights file {path} not found; train one with `python -m processors.detection.train --out {path}`"
+            )
         try:
             checkpoint = torch.load(path, map_location=device, weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
@@ -201,7 +213,14 @@ class PolypDetector:
             raise WeightsFileError(f"weights file {path} does not fit a {config.encoder} U-Net: {error}") from error
 
         metadata = {key: value for key, value in checkpoint.items() if key not in _CHECKPOINT_KEYS}
-        detector = cls(network, config, name=str(checkpoint["name"]), version=str(checkpoint["version"]), device=device, metadata=metadata)
+        detector = cls(
+            network,
+            config,
+            name=str(checkpoint["name"]),
+            version=str(checkpoint["version"]),
+            device=device,
+            metadata=metadata,
+        )
         logger.info(
             "detector loaded path=%s model=%s version=%s encoder=%s input_size=%d device=%s",
             path,
@@ -275,7 +294,7 @@ class PolypDetector:
             presence = torch.sigmoid(presence_logits[:, 0]).cpu().numpy()
 
         predictions: list[Prediction] = []
-        for frame, probability_map, probability in zip(frames_bgr, mask_probabilities, presence):
+        for frame, probability_map, probability in zip(frames_bgr, mask_probabilities, presence, strict=True):
             height, width = frame.shape[:2]
             full_size = cv2.resize(probability_map, (width, height), interpolation=cv2.INTER_LINEAR)
             mask = full_size >= MASK_THRESHOLD
@@ -303,16 +322,21 @@ _CHECKPOINT_KEYS = frozenset(
 
 def _check_checkpoint(checkpoint: object, path: Path) -> None:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != WEIGHTS_FORMAT:
-        raise WeightsFileError(f"weights file {path} is not a {WEIGHTS_FORMAT} file; save detectors with PolypDetector.save")
+        raise WeightsFileError(
+            f"weights file {path} is not a {WEIGHTS_FORMAT} file; save detectors with PolypDetector.save"
+        )
     if checkpoint.get("format_version") != WEIGHTS_FORMAT_VERSION:
         raise WeightsFileError(
-            f"weights file {path} has format_version {checkpoint.get('format_version')!r}; this code reads version {WEIGHTS_FORMAT_VERSION}"
+            f"weights file {path} has format_version {checkpoint.get('format_version')!r}; "
+            f"this code reads version {WEIGHTS_FORMAT_VERSION}"
         )
     missing = sorted(_CHECKPOINT_KEYS - checkpoint.keys())
     if missing:
         raise WeightsFileError(f"weights file {path} lacks the keys {missing}; save detectors with PolypDetector.save")
     if list(checkpoint["mean"]) != list(IMAGENET_MEAN) or list(checkpoint["std"]) != list(IMAGENET_STD):
-        raise WeightsFileError(f"weights file {path} was trained with another input normalisation than ImageNet mean/std")
+        raise WeightsFileError(
+            f"weights file {path} was trained with another input normalisation than ImageNet mean/std"
+        )
 
 
 def load_encoder_weights(network: smp.Unet, path: Path) -> None:
@@ -341,7 +365,10 @@ def load_encoder_weights(network: smp.Unet, path: Path) -> None:
     # encoders subclass the torchvision model, so their keys have no prefix.
     candidates = [stripped, {f"model.{key}": value for key, value in stripped.items()}]
     matched = max(
-        ({key: value for key, value in candidate.items() if key in target and target[key].shape == value.shape} for candidate in candidates),
+        (
+            {key: value for key, value in candidate.items() if key in target and target[key].shape == value.shape}
+            for candidate in candidates
+        ),
         key=len,
     )
     required = [key for key in target if not key.endswith("num_batches_tracked")]

@@ -92,8 +92,7 @@ def sample_polyp(
     harmonic_count = int(rng.integers(2, 6))
     lobulation = rng.uniform(0.02, 0.14)
     harmonics = tuple(
-        (float(rng.uniform(0.0, lobulation)), float(rng.uniform(0.0, 2.0 * math.pi)))
-        for _ in range(harmonic_count)
+        (float(rng.uniform(0.0, lobulation)), float(rng.uniform(0.0, 2.0 * math.pi))) for _ in range(harmonic_count)
     )
 
     # Polyps differ from the wall by up to 45 % per channel: paler and whiter,
@@ -187,13 +186,15 @@ def _draw_vessels(rng: np.random.Generator, image: FloatImage, style: MucosaStyl
     # Each vessel is a random walk: a start point, a slowly turning heading
     # and steps of 4-10 pixels.
     starts = rng.uniform(0.0, 1.0, size=(count, 1, 2)) * np.array([width, height])
-    headings = rng.uniform(0.0, 2.0 * math.pi, size=(count, 1)) + np.cumsum(rng.normal(0.0, 0.5, size=(count, steps)), axis=1)
+    headings = rng.uniform(0.0, 2.0 * math.pi, size=(count, 1)) + np.cumsum(
+        rng.normal(0.0, 0.5, size=(count, steps)), axis=1
+    )
     lengths = rng.uniform(4.0, 10.0, size=(count, steps))
     moves = np.stack([lengths * np.cos(headings), lengths * np.sin(headings)], axis=2)
     walks = np.concatenate([starts, starts + np.cumsum(moves, axis=1)], axis=1)
     used_steps = rng.integers(4, steps + 1, size=count)
     strengths = rng.uniform(0.3, 1.0, size=count)
-    for walk, used, strength in zip(walks, used_steps, strengths):
+    for walk, used, strength in zip(walks, used_steps, strengths, strict=True):
         polyline = np.round(walk[: used + 1]).astype(np.int32)
         cv2.polylines(layer, [polyline], False, float(strength), 1, cv2.LINE_AA)
 
@@ -266,7 +267,9 @@ def render_specular(rng: np.random.Generator, image: FloatImage, density: float,
     for _ in range(count):
         centre = clusters[int(rng.integers(0, len(clusters)))] + rng.normal(0.0, spread, size=2)
         axes = (int(rng.integers(1, 4)), int(rng.integers(1, 3)))
-        cv2.ellipse(layer, (int(centre[0]), int(centre[1])), axes, rng.uniform(0.0, 180.0), 0, 360, 1.0, -1, cv2.LINE_AA)
+        cv2.ellipse(
+            layer, (int(centre[0]), int(centre[1])), axes, rng.uniform(0.0, 180.0), 0, 360, 1.0, -1, cv2.LINE_AA
+        )
     layer = cv2.GaussianBlur(layer, (0, 0), 0.8)
     image += 255.0 * np.clip(layer, 0.0, 1.0)[..., None]
 
@@ -365,9 +368,7 @@ def _render_polyp_highlight(rng: np.random.Generator, image: FloatImage, spec: P
     image += 230.0 * cv2.GaussianBlur(layer, (0, 0), 0.8)[..., None]
 
 
-def camera_transform(
-    centre: tuple[float, float], angle_degrees: float, scale: float, size: int
-) -> np.ndarray:
+def camera_transform(centre: tuple[float, float], angle_degrees: float, scale: float, size: int) -> np.ndarray:
     """Return the 2x3 map from view pixels to world pixels for ``cv2.WARP_INVERSE_MAP``.
 
     The view is ``size`` x ``size`` and shows the world around ``centre``,
@@ -390,7 +391,11 @@ def cut_view(world: FloatImage, labels: LabelMap, transform: np.ndarray, size: i
     flags = cv2.WARP_INVERSE_MAP
     view = cv2.warpAffine(world, transform, (size, size), flags=cv2.INTER_LINEAR | flags, borderMode=cv2.BORDER_REFLECT)
     view_labels = cv2.warpAffine(
-        labels.astype(np.float32), transform, (size, size), flags=cv2.INTER_NEAREST | flags, borderMode=cv2.BORDER_CONSTANT
+        labels.astype(np.float32),
+        transform,
+        (size, size),
+        flags=cv2.INTER_NEAREST | flags,
+        borderMode=cv2.BORDER_CONSTANT,
     )
     return view, view_labels.astype(np.int32)
 
@@ -431,7 +436,16 @@ def field_of_view(size: int, optics: CameraOptics) -> np.ndarray:
     else:
         cut = int(round(optics.fov_extent * size))
         last = size - 1
-        corners = [(cut, 0), (last - cut, 0), (last, cut), (last, last - cut), (last - cut, last), (cut, last), (0, last - cut), (0, cut)]
+        corners = [
+            (cut, 0),
+            (last - cut, 0),
+            (last, cut),
+            (last, last - cut),
+            (last - cut, last),
+            (cut, last),
+            (0, last - cut),
+            (0, cut),
+        ]
         cv2.fillPoly(fov, [np.array(corners, dtype=np.int32)], 1)
     return fov.astype(bool)
 

@@ -154,7 +154,10 @@ def _render_frame_once(seeds: _StreamSeeds, size: int, with_polyp: bool) -> Synt
     labels = np.zeros((world_size, world_size), dtype=np.int32)
 
     jitter = 0.05 * size
-    centre = (world_size / 2.0 + scene_rng.uniform(-jitter, jitter), world_size / 2.0 + scene_rng.uniform(-jitter, jitter))
+    centre = (
+        world_size / 2.0 + scene_rng.uniform(-jitter, jitter),
+        world_size / 2.0 + scene_rng.uniform(-jitter, jitter),
+    )
     scale = scene_rng.uniform(0.8, 1.0)
     transform = scene.camera_transform(centre, scene_rng.uniform(0.0, 360.0), scale, size)
 
@@ -256,7 +259,9 @@ class _CameraPath:
         return scene.camera_transform((x, y), angle, scale, size), scale
 
 
-def generate_procedure(seed: int, seconds: float = 20.0, fps: float = 15.0, size: int = 256) -> Iterator[ProcedureFrame]:
+def generate_procedure(
+    seed: int, seconds: float = 20.0, fps: float = 15.0, size: int = 256
+) -> Iterator[ProcedureFrame]:
     """Generate a procedure video in which polyps come into view and leave it again.
 
     The camera drifts along a strip of colon wall with slow sway, roll and
@@ -377,7 +382,9 @@ def summarise_ground_truth(frames_polyp_ids: list[tuple[int, ...]], seed: int, f
         "size": size,
         "frame_count": len(present),
         "frames_with_polyp": sum(present),
-        "polyps": [{"polyp_id": polyp_id, "frame_ranges": ranges} for polyp_id, ranges in sorted(ranges_by_polyp.items())],
+        "polyps": [
+            {"polyp_id": polyp_id, "frame_ranges": ranges} for polyp_id, ranges in sorted(ranges_by_polyp.items())
+        ],
         "episodes": episodes,
         "polyp_present": present,
     }
@@ -398,7 +405,9 @@ def write_procedure_video(path: Path, seed: int, seconds: float = 20.0, fps: flo
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
     if not writer.isOpened():
-        raise VideoWriteError(f"OpenCV could not open {path} for writing with codec mp4v; check the folder and the .mp4 suffix")
+        raise VideoWriteError(
+            f"OpenCV could not open {path} for writing with codec mp4v; check the folder and the .mp4 suffix"
+        )
 
     frames_polyp_ids: list[tuple[int, ...]] = []
     try:
@@ -434,7 +443,9 @@ def _format_json(record: dict) -> str:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Write a generated endoscopy procedure video with ground truth.")
-    parser.add_argument("--out", type=Path, required=True, help="output .mp4 path; the ground truth goes to the same path with .json")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output .mp4 path; the ground truth goes to the same path with .json"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="duration in seconds (default 20)")
     parser.add_argument("--fps", type=float, default=15.0, help="frames per second (default 15)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")

@@ -1,4 +1,4 @@
-"""Train the polyp detector on frames generated on the fly by ``synth``.
+r"""Train the polyp detector on frames generated on the fly by ``synth``.
 
 Loss: Dice + binary cross-entropy on the mask logits, plus binary
 cross-entropy on the presence logit. Optimiser: AdamW with a one-cycle
@@ -12,12 +12,14 @@ many ways besides the polyp. In a pair the polyp is the only difference.
 Generating a 256-pixel frame costs about half the CPU time that a training
 step spends per frame at input size 128. The trainer therefore keeps a pool of
 generated pairs and draws each batch from it with random flips and colour
-jitter. After each step it replaces a few pairs with new ones, so every pair
-is used a few times before it leaves the pool.
+jitter, taking at most one frame of each pair. After each step it replaces a
+few pairs with new ones, so every pair is used a few times before it leaves
+the pool.
 
 Example::
 
-    python -m processors.detection.train --out processors/detection/weights/polyp_unet.pt --seed 0 --steps 1000 --batch-size 16
+    python -m processors.detection.train --out processors/detection/weights/polyp_unet.pt \
+        --seed 0 --steps 2000 --batch-size 8 --threads 1
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ class FramePool:
     """Generated frames and masks, drawn at random and refreshed a few at a time.
 
     The pool contains pairs of the same scene with and without polyps (see
-    ``synth.render_frame_pair``), and a batch is made of whole pairs.
+    ``synth.render_frame_pair``).
     """
 
     def __init__(self, rng: np.random.Generator, config: TrainingConfig) -> None:
         self._rng = rng
         self._config = config
-        self.pairs: list[tuple[SyntheticFrame, SyntheticFrame]] = [self._generate() for _ in range(config.pool_size // 2)]
+        self.pairs: list[tuple[SyntheticFrame, SyntheticFrame]] = [
+            self._generate() for _ in range(config.pool_size // 2)
+        ]
 
     def _generate(self) -> tuple[SyntheticFrame, SyntheticFrame]:
         return render_frame_pair(self._rng, size=self._config.frame_size)
@@ -79,19 +83,27 @@ class FramePool:
             self.pairs[index] = self._generate()
 
     def sample(self, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Draw ``count`` frames and masks as whole pairs, each pair flipped and colour-jittered at random."""
+        """Draw ``count`` frames, half with and half without polyps, each from a different pair.
+
+        Both frames of a pair never share a batch. With the twins together,
+        batch normalisation lets the network tell them apart by comparing
+        them within the batch, which does not work at inference time. Trained
+        that way for 2000 steps, the presence loss was 0.08 on batches of
+        twins and 1.41 on the same frames shuffled into other batches.
+        """
         images: list[np.ndarray] = []
         masks: list[np.ndarray] = []
-        for index in self._rng.choice(len(self.pairs), size=count // 2, replace=False):
+        members = self._rng.permutation([0] * (count - count // 2) + [1] * (count // 2))
+        for index, member in zip(self._rng.choice(len(self.pairs), size=count, replace=False), members, strict=True):
+            frame = self.pairs[index][member]
+            image = ColourJitter.sample(self._rng).apply(frame.image)
+            mask = frame.mask
             flip = int(self._rng.integers(-1, 3))
-            colour = ColourJitter.sample(self._rng)
-            for frame in self.pairs[index]:
-                image, mask = colour.apply(frame.image), frame.mask
-                if flip < 2:
-                    # cv2.flip codes: 0 vertical, 1 horizontal, -1 both.
-                    image, mask = cv2.flip(image, flip), cv2.flip(mask, flip)
-                images.append(image)
-                masks.append(mask)
+            if flip < 2:
+                # cv2.flip codes: 0 vertical, 1 horizontal, -1 both.
+                image, mask = cv2.flip(image, flip), cv2.flip(mask, flip)
+            images.append(image)
+            masks.append(mask)
         return images, masks
 
 
@@ -111,7 +123,9 @@ class ColourJitter:
     @classmethod
     def sample(cls, rng: np.random.Generator) -> ColourJitter:
         # OpenCV stores 8-bit hue as degrees / 2, so a shift of 10 is 20 degrees.
-        return cls(hue_shift=rng.uniform(-10.0, 10.0), saturation_gain=rng.uniform(0.6, 1.4), value_gain=rng.uniform(0.7, 1.3))
+        return cls(
+            hue_shift=rng.uniform(-10.0, 10.0), saturation_gain=rng.uniform(0.6, 1.4), value_gain=rng.uniform(0.7, 1.3)
+        )
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV).astype(np.float32)
@@ -141,7 +155,9 @@ def train(
     )
     network = detector.network.train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+    )
     dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True)
 
     started = time.perf_counter()
@@ -194,7 +210,9 @@ def train(
         "torch_threads": torch.get_num_threads(),
     }
     detector.save(out, {"training": training})
-    logger.info("training finished steps=%d seconds=%.1f cpu_seconds=%.1f out=%s", config.steps, elapsed, cpu_seconds, out)
+    logger.info(
+        "training finished steps=%d seconds=%.1f cpu_seconds=%.1f out=%s", config.steps, elapsed, cpu_seconds, out
+    )
     return detector
 
 
@@ -225,8 +243,10 @@ def _log_progress(
 def _check_config(config: TrainingConfig) -> None:
     if config.steps < 1:
         raise ParameterError(f"steps={config.steps} is invalid; train for at least 1 step")
-    if not 2 <= config.batch_size <= config.pool_size:
-        raise ParameterError(f"batch_size={config.batch_size} is invalid; use 2 to pool_size={config.pool_size}")
+    if not 2 <= config.batch_size <= config.pool_size // 2:
+        raise ParameterError(
+            f"batch_size={config.batch_size} is invalid; use 2 to half of pool_size={config.pool_size}"
+        )
     if not 2 <= config.pool_refresh <= config.pool_size:
         raise ParameterError(f"pool_refresh={config.pool_refresh} is invalid; use 2 to pool_size={config.pool_size}")
     if config.batch_size % 2 or config.pool_size % 2 or config.pool_refresh % 2:
@@ -240,16 +260,55 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainingConfig()
     parser = argparse.ArgumentParser(description="Train the polyp U-Net on generated endoscopy frames.")
     parser.add_argument("--out", type=Path, required=True, help="path of the weights file to write")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the generator and of torch (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the generator and of torch (default 0)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimiser steps (default {defaults.steps})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"frames per step (default {defaults.batch_size})")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help=f"peak AdamW learning rate (default {defaults.learning_rate})")
-    parser.add_argument("--frame-size", type=int, default=defaults.frame_size, help=f"side of generated frames in pixels (default {defaults.frame_size})")
-    parser.add_argument("--input-size", type=int, default=defaults.input_size, help=f"side of the network input in pixels, a multiple of 32 (default {defaults.input_size})")
-    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help=f"generated frames kept in memory (default {defaults.pool_size})")
-    parser.add_argument("--pool-refresh", type=int, default=defaults.pool_refresh, help=f"pool frames replaced per step (default {defaults.pool_refresh})")
-    parser.add_argument("--presence-weight", type=float, default=defaults.presence_weight, help=f"weight of the presence loss against the mask losses (default {defaults.presence_weight})")
-    parser.add_argument("--encoder-weights", type=Path, default=None, help="optional ImageNet encoder state dict on disk to start from; nothing is downloaded")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help=f"frames per step (default {defaults.batch_size})"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=defaults.learning_rate,
+        help=f"peak AdamW learning rate (default {defaults.learning_rate})",
+    )
+    parser.add_argument(
+        "--frame-size",
+        type=int,
+        default=defaults.frame_size,
+        help=f"side of generated frames in pixels (default {defaults.frame_size})",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=defaults.input_size,
+        help=f"side of the network input in pixels, a multiple of 32 (default {defaults.input_size})",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=defaults.pool_size,
+        help=f"generated frames kept in memory (default {defaults.pool_size})",
+    )
+    parser.add_argument(
+        "--pool-refresh",
+        type=int,
+        default=defaults.pool_refresh,
+        help=f"pool frames replaced per step (default {defaults.pool_refresh})",
+    )
+    parser.add_argument(
+        "--presence-weight",
+        type=float,
+        default=defaults.presence_weight,
+        help=f"weight of the presence loss against the mask losses (default {defaults.presence_weight})",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        help="optional ImageNet encoder state dict on disk to start from; nothing is downloaded",
+    )
     parser.add_argument("--version", default="0.1.0", help="model version stored in the weights file (default 0.1.0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-every", type=int, default=25, help="steps between progress lines (default 25)")
