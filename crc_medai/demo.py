@@ -249,14 +249,17 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         f"detection model: {frames['model']}",
         f"polyp findings (one per polyp): {len(summary['findings'])}",
     ]
+
     for finding in summary["findings"]:
         lines.append(
             f"  frames {finding['frames']} ({finding['frames_flagged']} flagged, {finding['status']}): "
             f"peak confidence {finding['peak_confidence']} at frame {finding['peak_frame']}, "
             f"heatmap {finding['heatmap']}"
         )
+
     heatmaps = summary["heatmaps"]
     lines.append(f"heatmaps in MinIO: {heatmaps['stored']} stored, {len(heatmaps['missing'])} missing")
+
     prognoses = summary["prognoses"]
     lines.append(f"recurrence risk: {prognoses['received']}/{prognoses['expected']} patients")
     for patient in prognoses["patients"]:
@@ -267,10 +270,12 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         )
         if patient["missing"]:
             lines.append(f"    missing from the record: {', '.join(patient['missing'])}")
+
     lines.append(f"FHIR resources written: {summary['fhir_resources']}")
     lines.append(f"dead-lettered: {len(summary['dead_letters'])}")
     for dead in summary["dead_letters"]:
         lines.append(f"  {dead['topic']} {dead['source'] or ''}: {dead['error']}")
+
     if summary["stopped_services"]:
         lines.append(f"services that stopped early: {summary['stopped_services']} (see their logs)")
     lines += [

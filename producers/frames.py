@@ -37,7 +37,7 @@ class VideoSourceError(CrcMedAiError):
 
 @dataclass(frozen=True)
 class PublishSummary:
-    """What one run of the frame producer sent."""
+    """Counts and timing of one frame-producer run."""
 
     procedure_id: str
     frames_published: int

@@ -35,7 +35,7 @@ class RecordFileError(CrcMedAiError):
 
 @dataclass
 class RecordSummary:
-    """What one run of the record producer did."""
+    """Files published and rejected by one record-producer run."""
 
     published: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
