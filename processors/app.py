@@ -48,6 +48,8 @@ def _faust_app(settings: Settings, service: str) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
+        # Faust writes its table data under datadir, by default in the working directory.
+        datadir=str(settings.output_dir / "faust" / settings.group(service)),
         web_enabled=False,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
