@@ -16,7 +16,7 @@ from crc_medai.settings import REPO_ROOT, get_settings
 
 logger = logging.getLogger("crc_medai")
 
-SERVICES = ("detection", "prognosis", "fhir-consumer")
+SERVICES = ("detection", "prognosis", "fhir-consumer", "record-intake")
 
 #: Prognosis tools: subcommand -> (module in processors.prognosis, help text).
 PROGNOSIS_TOOLS = {
@@ -25,6 +25,29 @@ PROGNOSIS_TOOLS = {
     "benchmark-prognosis": ("benchmark", "time per-record scoring and what-if requests"),
     "what-if": ("whatif", "simulate the risk of a patient with changed values"),
     "what-if-api": ("api", "serve the what-if API (FastAPI, OpenAPI docs at /docs)"),
+}
+
+#: FHIR result services: subcommand -> (module, help text); each module has main(argv) and the workers build_app.
+FHIR_TOOLS = {
+    "fhir-delivery": ("consumers.delivery", "deliver fhir-resources to the FHIR server (a Faust worker)"),
+    "fhir-view": ("consumers.view", "keep the FHIR view in Redis (a Faust worker); --rebuild replays the topic"),
+    "fhir-api": ("consumers.fhir_api", "serve the FHIR read API over the view (FastAPI, uvicorn)"),
+}
+
+#: Detection tools: subcommand -> (module, help text); each module has main(argv).
+DETECTION_TOOLS = {
+    "benchmark-detection": (
+        "processors.detection.benchmark",
+        "time the bare detector and the pipeline through Kafka at 30 fps; writes docs/benchmarks/detection.md",
+    ),
+}
+
+#: Model lifecycle tools: subcommand -> (module, help text); each module has main(argv).
+MODEL_TOOLS = {
+    "models": (
+        "crc_medai.lifecycle.cli",
+        "train, register, list, gate, promote and roll back model versions (MLflow registry)",
+    ),
 }
 
 
@@ -41,14 +64,38 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(service, help=f"run the {service} service (a Faust worker) until stopped")
 
     frames = commands.add_parser("produce-frames", help="publish a video's frames on the frames topic")
-    frames.add_argument("video", type=Path)
+    frames.add_argument("video", help="video file, camera device index (e.g. 0) or stream URL (e.g. rtsp://...)")
     frames.add_argument("--procedure-id", required=True, help="stream key, a pseudonymous procedure id")
+    frames.add_argument(
+        "--patient-id", default=None, help="pseudonym of the patient examined, from the worklist; the findings' subject"
+    )
     frames.add_argument("--fast", action="store_true", help="publish as fast as possible instead of at the video's fps")
     frames.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     frames.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
+    frames.add_argument("--width", type=int, default=None, help="resize frames to this width in pixels")
+    frames.add_argument("--height", type=int, default=None, help="resize frames to this height in pixels")
+    frames.add_argument(
+        "--reconnect-attempts", type=int, default=5, help="reopen attempts when a camera or stream drops (default 5)"
+    )
 
     records = commands.add_parser("produce-records", help="publish FHIR R4 Bundle files on the patient-records topic")
-    records.add_argument("paths", type=Path, nargs="+", help="Bundle JSON files or folders of them")
+    records.add_argument(
+        "paths", type=Path, nargs="+", help="FHIR R4 JSON (Bundle or resource) and NDJSON files, or folders of them"
+    )
+
+    gateway = commands.add_parser("record-gateway", help="serve the HTTP endpoint that accepts FHIR R4 records")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=8020, help="TCP port to listen on (default 8020)")
+
+    hl7_files = commands.add_parser(
+        "produce-hl7", help="publish HL7 v2 ADT and ORU messages from files as patient records"
+    )
+    hl7_files.add_argument("paths", type=Path, nargs="+", help="files of one or several HL7 v2 messages, or folders")
+    hl7_listener = commands.add_parser(
+        "hl7-listener", help="receive HL7 v2 messages over MLLP and acknowledge each one until stopped"
+    )
+    hl7_listener.add_argument("--host", default=None, help="address to bind (default CRC_HL7_LISTENER_HOST)")
+    hl7_listener.add_argument("--port", type=int, default=None, help="TCP port (default CRC_HL7_LISTENER_PORT, 2575)")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the sample video and records")
     demo.add_argument("--video", type=Path, default=REPO_ROOT / "samples" / "video" / "procedure-demo.mp4")
@@ -57,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
 
     for name, (_, help_text) in PROGNOSIS_TOOLS.items():
+        tool = commands.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
+    for name, (_, help_text) in FHIR_TOOLS.items():
+        tool = commands.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
+    for name, (_, help_text) in DETECTION_TOOLS.items():
+        tool = commands.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
+    for name, (_, help_text) in MODEL_TOOLS.items():
         tool = commands.add_parser(name, help=help_text, add_help=False)
         tool.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the tool; --help lists them")
 
@@ -81,6 +137,10 @@ def run_service(name: str) -> int:
         from processors.detection.agent import build_app
     elif name == "prognosis":
         from processors.prognosis.agent import build_app
+    elif name == "record-intake":
+        from producers.record_intake import build_app
+    elif name in FHIR_TOOLS:
+        build_app = importlib.import_module(FHIR_TOOLS[name][0]).build_app
     else:
         from consumers.fhir_consumer import build_app
 
@@ -110,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in PROGNOSIS_TOOLS:
             module = importlib.import_module(f"processors.prognosis.{PROGNOSIS_TOOLS[argv[0]][0]}")
             return module.main(argv[1:])
+        if argv and argv[0] in FHIR_TOOLS:
+            return importlib.import_module(FHIR_TOOLS[argv[0]][0]).main(argv[1:])
+        if argv and argv[0] in DETECTION_TOOLS:
+            return importlib.import_module(DETECTION_TOOLS[argv[0]][0]).main(argv[1:])
+        if argv and argv[0] in MODEL_TOOLS:
+            return importlib.import_module(MODEL_TOOLS[argv[0]][0]).main(argv[1:])
         return dispatch(build_parser().parse_args(argv))
     except CrcMedAiError as exc:
         logger.error("%s", exc)
@@ -124,16 +190,23 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command in SERVICES:
         return run_service(args.command)
     if args.command == "produce-frames":
-        from producers.frames import publish_video
+        from producers.frames import CaptureOptions, publish_video
 
+        options = CaptureOptions(
+            width=args.width,
+            height=args.height,
+            jpeg_quality=args.jpeg_quality,
+            max_frames=args.max_frames,
+            reconnect_attempts=args.reconnect_attempts,
+        )
         summary = asyncio.run(
             publish_video(
                 settings,
                 args.video,
                 args.procedure_id,
                 realtime=not args.fast,
-                max_frames=args.max_frames,
-                jpeg_quality=args.jpeg_quality,
+                options=options,
+                patient_id=args.patient_id,
             )
         )
         print(json.dumps(summary.__dict__))
@@ -144,6 +217,25 @@ def dispatch(args: argparse.Namespace) -> int:
         summary = asyncio.run(publish_records(settings, args.paths))
         print(json.dumps({"published": summary.published, "rejected": summary.rejected}, indent=2))
         return 0 if not summary.rejected else 1
+    if args.command == "produce-hl7":
+        from producers.hl7.ingest import publish_hl7_files
+
+        hl7_summary = asyncio.run(publish_hl7_files(settings, args.paths))
+        print(json.dumps({"accepted": hl7_summary.accepted, "rejected": hl7_summary.rejected}, indent=2))
+        return 0 if not hl7_summary.rejected else 1
+    if args.command == "hl7-listener":
+        from producers.hl7.listener import serve
+
+        overrides = {"hl7_listener_host": args.host, "hl7_listener_port": args.port}
+        given = {name: value for name, value in overrides.items() if value is not None}
+        listener_settings = settings.model_copy(update=given)
+        logger.info("starting service=hl7-listener settings=%s", json.dumps(listener_settings.public_dump()))
+        asyncio.run(serve(listener_settings))
+        return 0
+    if args.command == "record-gateway":
+        from producers.gateway import main as gateway_main
+
+        return gateway_main(["--host", args.host, "--port", str(args.port)])
     if args.command == "demo":
         from crc_medai.demo import run_demo
 

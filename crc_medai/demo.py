@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Any
 from minio.error import S3Error
 
 from crc_medai.kafka import DEAD_LETTER_TOPICS, Record, collect_records, ensure_topics
-from crc_medai.services import start_service, stop_service
+from crc_medai.picture import PictureError, write_latency_summary
+from crc_medai.services import free_port, start_service, stop_service, wait_ready
 from crc_medai.settings import Settings, get_settings
 from crc_medai.storage import create_minio
 from producers.frames import publish_video
@@ -31,6 +33,13 @@ from schemas.messages import DetectionResult, FhirResourceEvent, PolypFinding, P
 logger = logging.getLogger(__name__)
 
 SERVICES = ("detection", "prognosis", "fhir-consumer")
+#: Resources the FHIR consumer builds from every finding event and every prognosis.
+FINDING_RESOURCES = frozenset({"Observation", "DiagnosticReport"})
+PROGNOSIS_RESOURCES = frozenset({"Observation", "RiskAssessment"})
+#: The sample record's patient who undergoes the demo colonoscopy.
+DEMO_PATIENT_ID = "pt-0001"
+#: Seconds the demo waits for every service to answer /readyz before it streams anyway.
+READY_TIMEOUT_S = 120.0
 RESULT_TOPICS = ("detections", "findings", "prognoses", "fhir-resources", *DEAD_LETTER_TOPICS)
 
 
@@ -68,7 +77,16 @@ class Results:
             return False
         if any(finding.status == "open" for finding in self.latest_findings()):
             return False
-        return len(self.resources) >= len(self.findings) + patients
+        return self.fhir_complete()
+
+    def fhir_complete(self) -> bool:
+        """Tell whether every finding event and prognosis has its FHIR resources on the topic."""
+        built: dict[object, set[str]] = {}
+        for event in self.resources:
+            built.setdefault(event.source_event_id, set()).add(event.resource_type)
+        return all(FINDING_RESOURCES <= built.get(finding.event_id, set()) for finding in self.findings) and all(
+            PROGNOSIS_RESOURCES <= built.get(result.event_id, set()) for result in self.prognoses
+        )
 
     def latest_findings(self) -> list[PolypFinding]:
         """Return the last state of every finding, in order of appearance."""
@@ -90,8 +108,12 @@ def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: fl
     print(f"CRC-MedAI demo run {run_id}: starting the local stack (first run downloads and builds it)...", flush=True)
     ensure_up(settings)
     asyncio.run(ensure_topics(settings))
+    print_champions(settings)
 
-    processes = {name: start_service(name, settings, run_dir / "logs" / f"{name}.log") for name in SERVICES}
+    if not realtime:
+        # Frames published as fast as possible are older than a live latency budget by design.
+        settings = settings.model_copy(update={"detection_latency_budget_ms": 0.0})
+    processes = start_ready_services(settings, run_dir)
     try:
         summary = asyncio.run(_stream_and_collect(settings, video, records, realtime, timeout_s, processes))
     finally:
@@ -102,6 +124,40 @@ def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: fl
     summary_path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     print(render_summary(summary, settings, run_dir, summary_path))
     return 0 if summary["complete"] else 1
+
+
+def start_ready_services(settings: Settings, run_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
+    """Start the services, each with its own metrics port, and wait until each answers /readyz.
+
+    Streaming starts only then, so frames captured while a model loads are not skipped as stale.
+    """
+    started = {}
+    for name in SERVICES:
+        port = free_port(settings.metrics_host)
+        service_settings = settings.model_copy(update={"metrics_port": port})
+        process = start_service(name, service_settings, run_dir / "logs" / f"{name}.log")
+        started[name] = (process, f"http://{settings.metrics_host}:{port}")
+    print("waiting for the services to load their models and join the broker...", flush=True)
+    not_ready = wait_ready(started, READY_TIMEOUT_S)
+    if not_ready:
+        print(f"not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(not_ready)}; see their logs in {run_dir / 'logs'}")
+    return {name: process for name, (process, _) in started.items()}
+
+
+def print_champions(settings: Settings) -> None:
+    """Register the shipped weights where the registry has no model yet, and print the champions the services load."""
+    if not settings.model_registry_enabled:
+        print("model registry disabled: the services load the weights files")
+        return
+    from crc_medai.lifecycle.kinds import model_kind
+    from crc_medai.lifecycle.registry import CHAMPION, ModelRegistry
+
+    registry = ModelRegistry(settings)
+    for kind in ("detection", "prognosis"):
+        registry.bootstrap(kind)
+        champion = registry.alias(kind, CHAMPION)
+        version = champion.version if champion else "none (set one with 'crc-medai models promote')"
+        print(f"{kind} model: {model_kind(kind).registered_name} {CHAMPION} version {version}", flush=True)
 
 
 async def _stream_and_collect(
@@ -116,7 +172,9 @@ async def _stream_and_collect(
     record_summary = await publish_records(settings, [records])
     print(f"published {len(record_summary.published)} patient record(s), rejected {len(record_summary.rejected)}")
     print(f"streaming {video.name} {'at its frame rate' if realtime else 'as fast as possible'}...", flush=True)
-    frame_summary = await publish_video(settings, video, "proc-demo-0001", realtime=realtime)
+    frame_summary = await publish_video(
+        settings, video, "proc-demo-0001", realtime=realtime, patient_id=DEMO_PATIENT_ID
+    )
     print(f"published {frame_summary.frames_published} frames at {frame_summary.fps:.1f} fps")
 
     expected_detections = frame_summary.frames_published
@@ -136,6 +194,7 @@ async def _stream_and_collect(
         timeout_s=timeout_s,
     )
     results = Results.parse(received, settings)
+    picture = write_demo_picture(settings, results, realtime=realtime)
     return build_summary(
         settings,
         results,
@@ -145,7 +204,35 @@ async def _stream_and_collect(
         complete=complete(received),
         stopped=stopped_services(),
         seconds=time.monotonic() - started,
+        picture=picture,
     )
+
+
+def write_demo_picture(settings: Settings, results: Results, *, realtime: bool) -> Path | None:
+    """Draw the run's detection latency and throughput under its output folder; return None without detections."""
+    if not results.detections:
+        return None
+    first_capture = min(result.captured_at for result in results.detections)
+    model = results.detections[0].model
+    try:
+        return write_latency_summary(
+            settings.output_dir / "latency.png",
+            title="CRC-MedAI demo: frame capture to detection result",
+            latencies_ms=[
+                (result.source_ts - result.captured_at).total_seconds() * 1000.0 for result in results.detections
+            ],
+            completed_at_s=[(result.source_ts - first_capture).total_seconds() for result in results.detections],
+            notes=[
+                "latency: the frame's captured_at to the DetectionResult's source_ts (result published)",
+                f"{len(results.detections)} results read back from {settings.topic('detections')}",
+                f"frames published {'at the video frame rate' if realtime else 'as fast as possible'}",
+                f"detection model {model.name} {model.version}",
+            ],
+        )
+    except PictureError as exc:
+        # A clock step between capture agent and processor can make a latency negative. The summary still prints.
+        logger.warning("latency picture not written error=%s", exc)
+        return None
 
 
 def build_summary(
@@ -158,6 +245,7 @@ def build_summary(
     complete: bool,
     stopped: list[str],
     seconds: float,
+    picture: Path | None = None,
 ) -> dict[str, Any]:
     """Build the run summary from parsed results and check every heatmap object in MinIO."""
     minio = create_minio(settings)
@@ -209,7 +297,10 @@ def build_summary(
                 for result in sorted(results.prognoses, key=lambda result: result.patient_id)
             ],
         },
-        "fhir_resources": dict(Counter(event.resource_type for event in results.resources)),
+        # A DiagnosticReport is published again as each finding closes; count each resource once.
+        "fhir_resources": dict(
+            Counter(type_ for type_, _ in {(e.resource_type, e.resource_id) for e in results.resources})
+        ),
         "dead_letters": [
             {
                 "topic": record.topic,
@@ -219,6 +310,7 @@ def build_summary(
             for record in results.dead_letters
         ],
         "rejected_files": rejected_files,
+        "latency_picture": str(picture) if picture else None,
     }
 
 
@@ -289,4 +381,6 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         f"  service logs: {run_dir / 'logs'}",
         f"  this summary as JSON: {summary_path}",
     ]
+    if summary["latency_picture"]:
+        lines.append(f"  latency and throughput picture: {summary['latency_picture']} (and .html beside it)")
     return "\n".join(lines)

@@ -20,15 +20,29 @@ from crc_medai.settings import Settings
 logger = logging.getLogger(__name__)
 
 #: Logical topics of the data flow, in order.
-DATA_TOPICS: tuple[str, ...] = ("frames", "patient-records", "detections", "findings", "prognoses", "fhir-resources")
+DATA_TOPICS: tuple[str, ...] = (
+    "frames",
+    "ehr-inbound",
+    "patient-records",
+    "detections",
+    "findings",
+    "prognoses",
+    "fhir-resources",
+)
 
 #: Logical dead-letter topics, one per consumer and producer that can reject input.
 DEAD_LETTER_TOPICS: tuple[str, ...] = (
     "dlq.frame-producer",
     "dlq.record-producer",
+    "dlq.record-gateway",
+    "dlq.record-intake",
+    "dlq.hl7-producer",
+    "dlq.hl7-listener",
     "dlq.detection",
     "dlq.prognosis",
     "dlq.fhir-consumer",
+    "dlq.fhir-delivery",
+    "dlq.fhir-view",
 )
 
 # Dead-letter record headers: the error and where the rejected record came from.

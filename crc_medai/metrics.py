@@ -77,9 +77,24 @@ FRAMES_SKIPPED = Counter(
     "Video frames not run through the model, by reason (rejected: sent to the dead-letter topic).",
     ["reason"],
 )
+HEATMAPS = Counter(
+    "crc_heatmaps",
+    "Grad-CAM heatmaps of flagged frames by outcome (computed, rate_limited: over the per-procedure rate).",
+    ["outcome"],
+)
 FHIR_DELIVERIES = Counter(
     "crc_fhir_deliveries",
     "FHIR resource deliveries by outcome (succeeded, failed).",
+    ["outcome"],
+)
+FHIR_SERVER_DELIVERIES = Counter(
+    "crc_fhir_server_deliveries",
+    "Resources the fhir-delivery worker sent to the FHIR server, by outcome (succeeded; failed: dead-lettered).",
+    ["outcome"],
+)
+FHIR_SERVER_REQUESTS = Counter(
+    "crc_fhir_server_requests",
+    "Transaction Bundle requests to the FHIR server, retries included, by outcome (succeeded, failed).",
     ["outcome"],
 )
 CONSUMER_LAG = Gauge(
@@ -288,6 +303,11 @@ def record_frame_skipped(reason: str) -> None:
     FRAMES_SKIPPED.labels(reason=reason).inc()
 
 
+def record_heatmap(outcome: str) -> None:
+    """Count one flagged frame's heatmap by ``outcome``: ``computed`` or ``rate_limited``."""
+    HEATMAPS.labels(outcome=outcome).inc()
+
+
 def observe_end_to_end(service: str, since: datetime) -> None:
     """Observe the time from ``since`` (an aware source timestamp) to now."""
     END_TO_END_SECONDS.labels(service=service).observe(max((utc_now() - since).total_seconds(), 0.0))
@@ -312,3 +332,20 @@ def record_fhir_delivery(service: str, result_ts: datetime) -> None:
     """Count one delivered FHIR resource and observe the time since its result's source_ts."""
     FHIR_DELIVERIES.labels(outcome="succeeded").inc()
     observe_end_to_end(service, result_ts)
+
+
+def declare_fhir_server_outcomes() -> None:
+    """Create the FHIR server delivery counters at 0, so queries see them before the first request."""
+    for outcome in ("succeeded", "failed"):
+        FHIR_SERVER_DELIVERIES.labels(outcome=outcome)
+        FHIR_SERVER_REQUESTS.labels(outcome=outcome)
+
+
+def record_fhir_server_request(outcome: str) -> None:
+    """Count one transaction Bundle request to the FHIR server (``succeeded`` or ``failed``)."""
+    FHIR_SERVER_REQUESTS.labels(outcome=outcome).inc()
+
+
+def record_fhir_server_delivery(outcome: str, resources: int) -> None:
+    """Count resources delivered to the FHIR server (``succeeded``) or dead-lettered (``failed``)."""
+    FHIR_SERVER_DELIVERIES.labels(outcome=outcome).inc(resources)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from crc_medai.settings import Settings
@@ -57,3 +61,37 @@ def stop_service(process: subprocess.Popen[bytes], name: str = "service") -> int
             process.wait()
     logger.info("stopped service=%s pid=%d returncode=%s", name, process.pid, process.returncode)
     return process.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(processes: dict[str, tuple[subprocess.Popen[bytes], str]], timeout_s: float) -> list[str]:
+    """Poll each service's /readyz until it answers 200; return the names that never did.
+
+    ``processes`` maps a service name to its process and the base URL of its metrics
+    server. A service that exits while waiting counts as not ready.
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = dict(processes)
+    while waiting and time.monotonic() < deadline:
+        for name, (process, url) in list(waiting.items()):
+            if process.poll() is not None or _answers_ready(url):
+                waiting.pop(name)
+        time.sleep(0.2)
+    not_ready = [name for name, (process, _) in processes.items() if name in waiting or process.poll() is not None]
+    for name in not_ready:
+        logger.warning("service not ready service=%s timeout_s=%.0f", name, timeout_s)
+    return not_ready
+
+
+def _answers_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=1.0) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import faust
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 
 from crc_medai import metrics
 from crc_medai.kafka import dead_letter_headers
@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 #: Handles one record: (key, value) -> None. Raises to send the record to the dead-letter topic.
 RecordHandler = Callable[[bytes | None, bytes | None], Awaitable[None]]
+
+#: Handles a batch of (key, value) records. Returns one outcome per record, in order: None when the
+#: record was handled, or the exception that sends it to the dead-letter topic.
+BatchHandler = Callable[[list[tuple[bytes | None, bytes | None]]], Awaitable[list[BaseException | None]]]
 
 #: Seconds between two updates of the consumer lag gauges.
 LAG_INTERVAL_S = 2.0
@@ -42,14 +46,17 @@ def create_app(settings: Settings, service: str) -> faust.App:
 
 
 def _faust_app(settings: Settings, service: str) -> faust.App:
+    # Faust writes its table data under datadir, by default in the working directory.
+    # It creates only the last folder of that path, so the folders above it are made here.
+    datadir = settings.output_dir / "faust" / settings.group(service)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.group(service),
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
-        # Faust writes its table data under datadir, by default in the working directory.
-        datadir=str(settings.output_dir / "faust" / settings.group(service)),
+        datadir=str(datadir),
         web_enabled=False,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
@@ -148,34 +155,76 @@ async def process_with_dead_letter(
     """
     metrics.declare_topics(service, tuple(getattr(stream.channel, "topics", ())))
     async for event in stream.events():
-        message = event.message
         try:
             await handle(event.key, event.value)
-            metrics.record_processed(service, message.topic)
+            metrics.record_processed(service, event.message.topic)
         except Exception as exc:  # noqa: BLE001 - every failure is dead-lettered, never swallowed
-            level = logging.WARNING if _is_input_error(exc) else logging.ERROR
-            logger.log(
-                level,
-                "record rejected service=%s topic=%s partition=%s offset=%s error=%s",
-                service,
-                message.topic,
-                message.partition,
-                message.offset,
-                exc,
-                exc_info=level == logging.ERROR,
+            await _send_to_dead_letter(event, exc, service=service, dead_letter=dead_letter)
+
+
+async def process_batches_with_dead_letter(
+    stream: StreamT,
+    *,
+    service: str,
+    dead_letter: faust.TopicT,
+    handle_batch: BatchHandler,
+    max_records: int,
+    within_s: float,
+) -> None:
+    """Run ``handle_batch`` on micro-batches of events; each rejected record goes to ``dead_letter``.
+
+    A batch closes when it contains ``max_records`` events or ``within_s``
+    seconds after the previous batch, whichever comes first (Faust's
+    ``Stream.take_events``). Faust acknowledges the events of a batch after
+    the handler returns. The handler reports one outcome per record, so one bad
+    record is dead-lettered alone. When the handler raises, every record of the
+    batch is dead-lettered with that error.
+    """
+    metrics.declare_topics(service, tuple(getattr(stream.channel, "topics", ())))
+    async for events in stream.take_events(max_records, within=within_s):
+        try:
+            outcomes = await handle_batch([(event.key, event.value) for event in events])
+        except Exception as exc:  # noqa: BLE001 - every failure is dead-lettered, never swallowed
+            outcomes = [exc] * len(events)
+        if len(outcomes) != len(events):
+            error = RuntimeError(
+                f"batch handler of {service} returned {len(outcomes)} outcomes for {len(events)} records"
             )
-            metrics.record_dead_letter(service, message.topic)
-            await dead_letter.send(
-                key=event.key,
-                value=event.value,
-                headers=dead_letter_headers(
-                    service=service,
-                    error=exc,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                ),
-            )
+            outcomes = [error] * len(events)
+
+        for event, outcome in zip(events, outcomes, strict=True):
+            if outcome is None:
+                metrics.record_processed(service, event.message.topic)
+            else:
+                await _send_to_dead_letter(event, outcome, service=service, dead_letter=dead_letter)
+
+
+async def _send_to_dead_letter(event: EventT, exc: BaseException, *, service: str, dead_letter: faust.TopicT) -> None:
+    """Log the error, count it and send the record unchanged to ``dead_letter`` with its origin in the headers."""
+    message = event.message
+    level = logging.WARNING if _is_input_error(exc) else logging.ERROR
+    logger.log(
+        level,
+        "record rejected service=%s topic=%s partition=%s offset=%s error=%s",
+        service,
+        message.topic,
+        message.partition,
+        message.offset,
+        exc,
+        exc_info=exc if level == logging.ERROR else None,
+    )
+    metrics.record_dead_letter(service, message.topic)
+    await dead_letter.send(
+        key=event.key,
+        value=event.value,
+        headers=dead_letter_headers(
+            service=service,
+            error=exc,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+        ),
+    )
 
 
 def _is_input_error(exc: BaseException) -> bool:

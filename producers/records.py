@@ -1,9 +1,13 @@
-"""Patient-record producer: FHIR R4 Bundles from the integration engine onto Kafka.
+"""Patient-record producer: FHIR R4 files from the integration engine onto Kafka.
 
-Each file is parsed as JSON, validated with fhir.resources' R4B Bundle model
-and published on ``patient-records`` keyed by the Patient's id. A file that
-fails goes to the producer's dead-letter topic with the error naming the file
-and the element; the other files are still published.
+Each file goes through :class:`producers.intake.RecordIntake`, which
+validates it, merges it with the patient's earlier resources and publishes the
+record on ``patient-records`` keyed by the Patient's id. A file that fails goes
+to the producer's dead-letter topic with the error naming the file and the
+element; the other files are still published.
+
+:func:`load_bundle` is the older check of one Bundle file on its own, without
+Redis or Kafka; the conformance tests compare its verdicts with the validator's.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
 from crc_medai.errors import CrcMedAiError
-from crc_medai.kafka import create_producer, dead_letter_headers, ensure_topics
+from crc_medai.kafka import DATA_TOPICS, create_producer, ensure_topics
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
-from schemas.messages import PatientRecord
+from producers.intake import RecordIntake, RecordRejected
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def iter_record_files(paths: Iterable[Path]) -> Iterator[Path]:
     """Yield the JSON files named, expanding folders in name order."""
     for path in paths:
         if path.is_dir():
-            yield from sorted(path.glob("*.json"))
+            yield from sorted([*path.glob("*.json"), *path.glob("*.ndjson")])
         else:
             yield path
 
@@ -100,30 +104,46 @@ def load_bundle(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 async def publish_records(settings: Settings, paths: Iterable[Path]) -> RecordSummary:
-    """Publish every Bundle file; invalid files go to the dead-letter topic."""
-    await ensure_topics(settings)
+    """Publish every record file through the record intake; invalid files go to the dead-letter topic.
+
+    ``.json`` files hold one Bundle or resource for one patient, ``.ndjson``
+    files one resource per line for any number of patients.
+    """
+    await ensure_topics(settings, (*DATA_TOPICS, f"dlq.{SERVICE}"))
     producer = create_producer(settings)
-    topic = settings.topic(PatientRecord.topic)
-    dead_letter = settings.topic(f"dlq.{SERVICE}")
     summary = RecordSummary()
     await producer.start()
+    intake = RecordIntake(settings, producer, service=SERVICE)
     try:
         for path in iter_record_files(paths):
-            try:
-                patient_id, bundle = load_bundle(path)
-                record = PatientRecord(patient_id=patient_id, source_name=path.name, bundle=bundle)
-            except (RecordFileError, ValidationError) as exc:
-                logger.error("record file rejected file=%s error=%s", path.name, exc)
-                summary.rejected[path.name] = str(exc)
-                await producer.send_and_wait(
-                    dead_letter,
-                    value=path.read_bytes() if path.is_file() else b"",
-                    headers=dead_letter_headers(service=SERVICE, error=exc, source=path.name),
-                )
-                continue
-            await producer.send_and_wait(topic, value=record.to_bytes(), key=patient_id.encode())
-            summary.published.append(path.name)
-            logger.info("record published file=%s patient=%s", path.name, pseudonym(patient_id))
+            await _publish_file(intake, path, summary)
     finally:
+        await intake.close()
         await producer.stop()
     return summary
+
+
+async def _publish_file(intake: RecordIntake, path: Path, summary: RecordSummary) -> None:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        error = RecordFileError(f"{path.name}: cannot be read ({exc})")
+        summary.rejected[path.name] = str(error)
+        await intake.dead_letter(b"", error, source_name=path.name)
+        return
+
+    if path.suffix == ".ndjson":
+        outcome = await intake.accept_ndjson(raw, source_name=path.name)
+        if outcome.accepted:
+            summary.published.append(path.name)
+        if outcome.rejected:
+            summary.rejected[path.name] = "; ".join(f"{path.name}: {error}" for error in outcome.rejected)
+        return
+
+    try:
+        accepted = await intake.accept_bytes(raw, source_name=path.name)
+    except RecordRejected as exc:
+        summary.rejected[path.name] = f"{path.name}: {exc}"
+        return
+    summary.published.append(path.name)
+    logger.debug("record file published file=%s patient=%s", path.name, pseudonym(accepted.patient_id))

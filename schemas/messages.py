@@ -85,6 +85,10 @@ class Frame(Message):
     topic: ClassVar[str] = "frames"
 
     procedure_id: ProcedureId
+    patient_id: PatientPseudonym | None = Field(
+        default=None,
+        description="Pseudonym of the patient examined, from the capture agent's worklist; null when unknown.",
+    )
     sequence: int = Field(ge=0, description="Frame number within the procedure, from 0.")
     captured_at: AwareDatetime = Field(description="Capture timestamp of the frame (UTC).")
     width: int = Field(gt=0, le=8192)
@@ -102,6 +106,11 @@ class PatientRecord(Message):
     format: Literal["fhir-r4-bundle"] = "fhir-r4-bundle"
     source_name: str = Field(description="Where the record came from, for example the file name.")
     bundle: dict[str, Any] = Field(description="The FHIR R4 Bundle as JSON.")
+    missing: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model features the Bundle does not supply, each with the reason, for example "
+        "{'nodes': 'no Observation with code LOINC 21893-3 ...'}.",
+    )
 
 
 class Region(BaseModel):
@@ -122,6 +131,7 @@ class DetectionResult(Message):
 
     frame_event_id: uuid.UUID
     procedure_id: ProcedureId
+    patient_id: PatientPseudonym | None = None
     sequence: int = Field(ge=0)
     captured_at: AwareDatetime
     polyp_probability: float = Field(ge=0.0, le=1.0)
@@ -132,6 +142,11 @@ class DetectionResult(Message):
     explanation_method: str | None = Field(default=None, description="For example 'GradCAM on encoder stage 4'.")
     model: ModelRef
     inference_ms: float = Field(ge=0.0)
+    skipped_reason: Literal["stale"] | None = Field(
+        default=None,
+        description="Why the model did not run on this frame ('stale': older than the latency budget); "
+        "polyp_probability is then 0 and flagged false.",
+    )
 
 
 class PolypFinding(Message):
@@ -147,6 +162,9 @@ class PolypFinding(Message):
 
     finding_id: uuid.UUID
     procedure_id: ProcedureId
+    patient_id: PatientPseudonym | None = Field(
+        default=None, description="The patient examined, when the frames named one."
+    )
     status: Literal["open", "closed"]
     first_sequence: int = Field(ge=0)
     last_sequence: int = Field(ge=0)
@@ -196,6 +214,9 @@ class PrognosisResult(Message):
     base_value: float = Field(description="SHAP base value the contributions add to, on explanation_scale.")
     contributions: list[FeatureContribution] = Field(description="All contributions, largest magnitude first.")
     missing_features: list[str] = Field(default_factory=list, description="Features absent from the record.")
+    missing_reasons: dict[str, str] = Field(
+        default_factory=dict, description="Why each of missing_features is absent, by feature name."
+    )
     model: ModelRef
     inference_ms: float = Field(ge=0.0)
     explanation_scale: Literal["log-odds", "log-hazard"] = Field(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from crc_medai.kafka import create_producer, ensure_topics
 from crc_medai.services import start_service, stop_service
 from crc_medai.settings import Settings, get_settings
 
@@ -74,3 +75,15 @@ def running_services(settings: Settings, log_dir: Path, names: tuple[str, ...]) 
     finally:
         services.stop()
         print(services.logs())
+
+
+async def send_all(settings: Settings, records: list[tuple[str, bytes, bytes | None]]) -> None:
+    """Publish ``(logical topic, key, value)`` records in order, creating the topics first."""
+    await ensure_topics(settings)
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        for topic, key, value in records:
+            await producer.send_and_wait(settings.topic(topic), value=value, key=key)
+    finally:
+        await producer.stop()

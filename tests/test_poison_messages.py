@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from crc_medai.kafka import Record, collect_records, create_producer, ensure_topics
+from crc_medai.kafka import Record, collect_records
 from crc_medai.settings import REPO_ROOT, Settings
 from schemas.messages import DetectionResult, Frame, PatientRecord, PrognosisResult, utc_now
-from tests.conftest import RunningServices, isolated_settings, running_services
+from tests.conftest import RunningServices, isolated_settings, running_services, send_all
 
 pytestmark = pytest.mark.integration
 
@@ -56,17 +56,6 @@ def services(poison_settings: Settings) -> Iterator[RunningServices]:
     yield from running_services(
         poison_settings, poison_settings.output_dir / "logs", ("detection", "prognosis", "fhir-consumer")
     )
-
-
-async def send_all(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
-    await ensure_topics(settings)
-    producer = create_producer(settings)
-    await producer.start()
-    try:
-        for topic, key, value in records:
-            await producer.send_and_wait(settings.topic(topic), value=value, key=key)
-    finally:
-        await producer.stop()
 
 
 def test_poison_messages_are_dead_lettered(poison_settings: Settings, services: RunningServices) -> None:

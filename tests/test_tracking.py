@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from processors.detection.tracking import FindingTracker, regions_match
+import pytest
+
+from processors.detection.tracking import FindingTracker, region_iou, regions_match
 from schemas.messages import DetectionResult, ModelRef, Region, utc_now
 
 START = utc_now()
@@ -42,7 +44,7 @@ def feed(tracker: FindingTracker, results: list[DetectionResult]) -> list:
 
 
 def test_one_polyp_gives_one_finding() -> None:
-    tracker = FindingTracker(max_gap_frames=3)
+    tracker = FindingTracker(max_gap_s=0.1, min_frames_to_open=1)
     frames = (
         [result(0, 0.1)]
         + [result(i, 0.6 + i / 100, BOX) for i in range(1, 11)]
@@ -62,20 +64,26 @@ def test_one_polyp_gives_one_finding() -> None:
     assert closed.first_seen < closed.last_seen
 
 
-def test_flicker_inside_gap_keeps_one_finding() -> None:
-    tracker = FindingTracker(max_gap_frames=3)
-    frames = [result(0, 0.9, BOX), result(1, 0.2), result(2, 0.2), result(3, 0.9, BOX)] + [
-        result(i, 0.1) for i in range(4, 9)
-    ]
+def test_missed_frames_inside_gap_keep_one_finding() -> None:
+    tracker = FindingTracker(max_gap_s=0.5, min_frames_to_open=2)
+    # 12 missed frames (0.4 s at 33 ms) between two runs of one polyp that moved a little.
+    moved = Region(x=130, y=110, width=40, height=40)
+    frames = (
+        [result(i, 0.9, BOX) for i in range(0, 4)]
+        + [result(i, 0.2) for i in range(4, 16)]
+        + [result(i, 0.9, moved) for i in range(16, 20)]
+        + [result(i, 0.1) for i in range(20, 40)]
+    )
 
     events = feed(tracker, frames)
 
     assert [event.status for event in events] == ["open", "closed"]
-    assert events[1].frames_flagged == 2
+    assert events[1].frames_flagged == 8
+    assert (events[1].first_sequence, events[1].last_sequence) == (0, 19)
 
 
 def test_gap_longer_than_limit_splits_findings() -> None:
-    tracker = FindingTracker(max_gap_frames=2)
+    tracker = FindingTracker(max_gap_s=0.1, min_frames_to_open=1)
     frames = [result(0, 0.9, BOX)] + [result(i, 0.1) for i in range(1, 5)] + [result(5, 0.9, BOX)]
 
     events = feed(tracker, frames)
@@ -84,8 +92,33 @@ def test_gap_longer_than_limit_splits_findings() -> None:
     assert events[0].finding_id != events[2].finding_id
 
 
+def test_stray_flag_opens_nothing() -> None:
+    tracker = FindingTracker(min_frames_to_open=3, confirm_window_s=0.2)
+    # Flagged frames 0, 4 and 8 are 133 ms apart: never 3 within 200 ms.
+    frames = [result(i, 0.9 if i % 4 == 0 else 0.1, BOX) for i in range(0, 30)]
+
+    events = feed(tracker, frames)
+
+    assert events == []
+    assert tracker.candidates_dropped >= 2
+    assert tracker.open_findings() == 0
+
+
+def test_opens_on_confirming_frame() -> None:
+    tracker = FindingTracker(min_frames_to_open=3, confirm_window_s=0.2)
+
+    events = [feed(tracker, [result(i, 0.6 + i / 10, BOX)]) for i in range(4)]
+
+    assert [len(step) for step in events] == [0, 0, 1, 0]
+    opened = events[2][0]
+    assert opened.status == "open"
+    assert opened.first_sequence == 0
+    assert opened.last_sequence == 2
+    assert opened.frames_flagged == 3
+
+
 def test_distant_regions_are_two_polyps() -> None:
-    tracker = FindingTracker(max_gap_frames=3)
+    tracker = FindingTracker(min_frames_to_open=1)
 
     events = feed(tracker, [result(0, 0.9, BOX), result(1, 0.9, FAR_BOX), result(2, 0.9, BOX)])
 
@@ -94,7 +127,7 @@ def test_distant_regions_are_two_polyps() -> None:
 
 
 def test_procedures_are_tracked_apart() -> None:
-    tracker = FindingTracker()
+    tracker = FindingTracker(min_frames_to_open=1)
 
     events = feed(tracker, [result(0, 0.9, BOX, "proc-a"), result(0, 0.9, BOX, "proc-b")])
 
@@ -102,7 +135,7 @@ def test_procedures_are_tracked_apart() -> None:
 
 
 def test_idle_track_closes_at_end_of_stream() -> None:
-    tracker = FindingTracker(idle_close_s=2.0)
+    tracker = FindingTracker(idle_close_s=2.0, min_frames_to_open=2)
     feed(tracker, [result(0, 0.9, BOX), result(1, 0.9, BOX)])
 
     assert tracker.close_idle(now=0.0) == []
@@ -112,13 +145,41 @@ def test_idle_track_closes_at_end_of_stream() -> None:
     assert tracker.open_findings() == 0
 
 
+def test_idle_candidate_dropped_silently() -> None:
+    tracker = FindingTracker(min_frames_to_open=3)
+    feed(tracker, [result(0, 0.9, BOX)])
+
+    assert tracker.close_idle(now=float("inf")) == []
+    assert tracker.candidates_dropped == 1
+
+
 def test_replay_gives_same_finding_id() -> None:
-    frames = [result(3, 0.9, BOX), result(4, 0.1)]
+    frames = [result(3, 0.9, BOX), result(4, 0.9, BOX), result(5, 0.9, BOX), result(6, 0.1)]
 
     first = feed(FindingTracker(), frames)
     second = feed(FindingTracker(), frames)
 
+    assert len(first) == 1
     assert first[0].finding_id == second[0].finding_id
+
+
+def test_attach_heatmap_to_peak() -> None:
+    tracker = FindingTracker(min_frames_to_open=1)
+    peak = result(0, 0.9, BOX).model_copy(update={"heatmap_key": None, "heatmap_bucket": None})
+    feed(tracker, [peak])
+
+    tracker.attach_heatmap("proc-1", 0, heatmap_key="k.png", heatmap_bucket="b", explanation_method="m")
+    (closed,) = tracker.close_idle(now=float("inf"))
+
+    assert tracker.representative_frames() == set()
+    assert (closed.heatmap_key, closed.heatmap_bucket, closed.explanation_method) == ("k.png", "b", "m")
+
+
+def test_region_iou_values() -> None:
+    assert region_iou(BOX, BOX) == 1.0
+    assert region_iou(BOX, FAR_BOX) == 0.0
+    half = Region(x=120, y=100, width=40, height=40)
+    assert region_iou(BOX, half) == pytest.approx(800 / 2400)
 
 
 def test_missing_region_matches_any_track() -> None:
@@ -126,3 +187,14 @@ def test_missing_region_matches_any_track() -> None:
     assert regions_match(BOX, None, 1.0)
     assert regions_match(BOX, Region(x=120, y=110, width=40, height=40), 1.0)
     assert not regions_match(BOX, FAR_BOX, 1.0)
+
+
+def test_overlap_matches_beyond_centre_tolerance() -> None:
+    wide = Region(x=0, y=100, width=400, height=40)
+    assert regions_match(BOX, wide, tolerance=0.0, min_iou=0.05)
+    assert not regions_match(BOX, wide, tolerance=0.0, min_iou=0.5)
+
+
+def test_invalid_min_frames_rejected() -> None:
+    with pytest.raises(ValueError, match="min_frames_to_open=0"):
+        FindingTracker(min_frames_to_open=0)

@@ -1,184 +1,140 @@
 """Detection processor: frames in, polyp detection results and Grad-CAM heatmaps out.
 
-Consumes ``frames`` (key: procedure id), runs the polyp detector on each
-frame, computes a Grad-CAM overlay for flagged frames, stores it in MinIO and
-publishes a :class:`DetectionResult` on ``detections`` with the same key.
+Consumes ``frames`` (key: procedure id) in micro-batches, runs the polyp
+detector on each batch in one forward pass, computes Grad-CAM overlays for
+flagged frames within a per-procedure rate, stores them in MinIO and publishes
+one :class:`DetectionResult` per frame on ``detections`` with the same key.
+Stale frames get a result with ``skipped_reason`` instead of a prediction.
 Flagged frames of one polyp are aggregated into a :class:`PolypFinding` on
 ``findings``, published when the polyp appears and again when it is gone.
+See :mod:`processors.detection.realtime` for the per-batch steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
-import cv2
-import numpy as np
+import faust
 
 from crc_medai import metrics
-from crc_medai.errors import ProcessingError
+from crc_medai.lifecycle.switcher import ModelSwitcher
+from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
-from crc_medai.storage import create_minio, ensure_bucket, put_png
-from processors.app import create_app, process_with_dead_letter, raw_topic
-from processors.detection.explain import GradCamExplainer
+from processors.app import create_app, process_batches_with_dead_letter, raw_topic
 from processors.detection.model import PolypDetector
-from processors.detection.tracking import FindingTracker
-from schemas.messages import DetectionResult, Frame, ModelRef, PolypFinding, Region, utc_now
+from processors.detection.realtime import (
+    DetectionPipeline,
+    FrameDecodeError,
+    configure_torch_threads,
+    decode_frame,
+    heatmap_key,
+    select_device,
+)
+from schemas.messages import DetectionResult, Frame, PolypFinding
+
+__all__ = ["SERVICE", "FrameDecodeError", "build_app", "decode_frame", "heatmap_key"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "detection"
 
-
-class FrameDecodeError(ProcessingError):
-    """A frame's image bytes are not a decodable colour JPEG of the announced size."""
-
-
-def decode_frame(frame: Frame) -> np.ndarray:
-    """Decode the frame's JPEG into a BGR image and check it against the announced size."""
-    if not frame.image:
-        raise FrameDecodeError(
-            f"frame {frame.sequence} of procedure {frame.procedure_id}: image is empty (0 bytes); "
-            "the capture agent must send a JPEG"
-        )
-    buffer = np.frombuffer(frame.image, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise FrameDecodeError(
-            f"frame {frame.sequence} of procedure {frame.procedure_id}: {len(frame.image)} bytes "
-            "are not a decodable JPEG; check the capture agent's encoder"
-        )
-    if image.ndim != 3 or image.shape[2] != 3:
-        channels = 1 if image.ndim == 2 else image.shape[2]
-        raise FrameDecodeError(
-            f"frame {frame.sequence} of procedure {frame.procedure_id}: image has {channels} channel(s), "
-            "expected 3 (colour BGR)"
-        )
-    height, width = image.shape[:2]
-    if (width, height) != (frame.width, frame.height):
-        raise FrameDecodeError(
-            f"frame {frame.sequence} of procedure {frame.procedure_id}: image is {width}x{height}, "
-            f"but the message announces {frame.width}x{frame.height}"
-        )
-    return image
+#: Seconds between two checks for findings whose polyp has left the view.
+IDLE_CHECK_INTERVAL_S = 0.5
 
 
-def heatmap_key(frame: Frame) -> str:
-    """Return the MinIO object key of a frame's Grad-CAM overlay."""
-    return f"heatmaps/{frame.procedure_id}/{frame.sequence:06d}-{frame.event_id}.png"
-
-
-class FrameDetector:
-    """Runs detection and explanation for one frame; blocking, meant for a worker thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.detector = PolypDetector.load(settings.detection_model_path)
-        self.explainer = GradCamExplainer(self.detector)
-        self.minio = create_minio(settings)
-        ensure_bucket(self.minio, settings.heatmap_bucket)
-        self.model_ref = ModelRef(name=self.detector.name, version=self.detector.version)
-
-    def close(self) -> None:
-        """Release the Grad-CAM hooks."""
-        self.explainer.close()
-
-    def process(self, frame: Frame) -> DetectionResult:
-        """Detect polyps in one frame; explain and store the heatmap when flagged."""
-        image = decode_frame(frame)
-
-        started = time.perf_counter()
-        prediction = self.detector.predict([image])[0]
-        inference_ms = (time.perf_counter() - started) * 1000.0
-        flagged = prediction.probability >= self.settings.detection_threshold
-
-        region = None
-        key = None
-        method = None
-        if flagged:
-            if prediction.region is not None:
-                x, y, width, height = prediction.region
-                region = Region(x=x, y=y, width=max(width, 1), height=max(height, 1))
-            heatmap_started = time.perf_counter()
-            explanation = self.explainer.explain(image)
-            key = heatmap_key(frame)
-            put_png(self.minio, self.settings.heatmap_bucket, key, explanation.overlay_png)
-            metrics.HEATMAP_SECONDS.observe(time.perf_counter() - heatmap_started)
-            method = explanation.method
-
-        return DetectionResult(
-            frame_event_id=frame.event_id,
-            procedure_id=frame.procedure_id,
-            sequence=frame.sequence,
-            captured_at=frame.captured_at,
-            source_ts=utc_now(),
-            polyp_probability=float(prediction.probability),
-            flagged=flagged,
-            region=region,
-            heatmap_key=key,
-            heatmap_bucket=self.settings.heatmap_bucket if key else None,
-            explanation_method=method,
-            model=self.model_ref,
-            inference_ms=inference_ms,
-        )
-
-
-def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
+def build_app(settings: Settings) -> faust.App:
     """Build the detection processor's Faust app and agent."""
     app = create_app(settings, SERVICE)
     frames = raw_topic(app, settings, Frame.topic)
     detections = raw_topic(app, settings, DetectionResult.topic)
     findings = raw_topic(app, settings, PolypFinding.topic)
     dead_letter = raw_topic(app, settings, f"dlq.{SERVICE}")
-    detector = FrameDetector(settings)
-    metrics.record_model(SERVICE, detector.model_ref.name, detector.model_ref.version)
+
+    threads = configure_torch_threads(settings.detection_torch_threads)
+    switcher = ModelSwitcher(
+        settings,
+        "detection",
+        SERVICE,
+        lambda weights: PolypDetector.load(weights, device=select_device(settings.detection_device)),
+    )
+    deployed = switcher.start()
     # NOTE: open tracks live in this worker's memory. After a rebalance moves a
     # procedure's partition, the new owner starts fresh tracks for that procedure.
-    tracker = FindingTracker()
+    pipeline = DetectionPipeline(settings, detector=deployed.model)
+    pipeline.model_ref = deployed.model_ref
+    metrics.record_model(SERVICE, pipeline.model_ref.name, pipeline.model_ref.version)
+    metrics.FRAMES_SKIPPED.labels(reason="stale")
     logger.info(
-        "detection processor ready model=%s version=%s threshold=%s bucket=%s",
-        detector.model_ref.name,
-        detector.model_ref.version,
+        "detection processor ready model=%s version=%s device=%s threads=%d threshold=%s batch_size=%d "
+        "batch_wait_ms=%s latency_budget_ms=%s heatmaps_per_s=%s bucket=%s",
+        pipeline.model_ref.name,
+        pipeline.model_ref.version,
+        pipeline.detector.device,
+        threads,
         settings.detection_threshold,
+        settings.detection_batch_size,
+        settings.detection_batch_wait_ms,
+        settings.detection_latency_budget_ms,
+        settings.detection_heatmaps_per_s,
         settings.heatmap_bucket,
     )
 
     @app.on_before_shutdown.connect
     async def release_hooks(app_: object, **_: object) -> None:
-        detector.close()
+        pipeline.close()
 
     async def publish_findings(events: list[PolypFinding]) -> None:
         for finding in events:
             await findings.send(key=finding.procedure_id.encode(), value=finding.to_bytes())
             logger.info(
-                "finding %s procedure=%s frames=%d-%d peak=%.3f",
+                "finding %s procedure=%s frames=%d-%d peak=%.3f heatmap=%s",
                 finding.status,
-                finding.procedure_id,
+                pseudonym(finding.procedure_id),
                 finding.first_sequence,
                 finding.last_sequence,
                 finding.peak_probability,
+                finding.heatmap_key is not None,
             )
 
-    async def handle(key: bytes | None, value: bytes | None) -> None:
-        frame = Frame.from_bytes(value)
-        result = await asyncio.to_thread(detector.process, frame)
-        await detections.send(key=frame.procedure_id.encode(), value=result.to_bytes())
-        metrics.observe_detection(SERVICE, result.model.name, result.inference_ms, result.flagged, frame.captured_at)
-        await publish_findings(tracker.update(result))
-        logger.debug(
-            "frame processed procedure=%s sequence=%s probability=%.3f",
-            frame.procedure_id,
-            frame.sequence,
-            result.polyp_probability,
-        )
+    async def publish_results(results: list[DetectionResult]) -> None:
+        for result in results:
+            await detections.send(key=result.procedure_id.encode(), value=result.to_bytes())
+            if result.skipped_reason is None:
+                metrics.observe_detection(
+                    SERVICE, result.model.name, result.inference_ms, result.flagged, result.captured_at
+                )
+            else:
+                metrics.observe_end_to_end(SERVICE, result.captured_at)
 
-    @app.timer(interval=0.5)
+    async def handle_batch(records: list[tuple[bytes | None, bytes | None]]) -> list[BaseException | None]:
+        # A new champion, loaded by the switcher meanwhile, takes over between batches.
+        deployed = switcher.current()
+        if deployed.model_ref != pipeline.model_ref:
+            await asyncio.to_thread(pipeline.use_detector, deployed.model, deployed.model_ref)
+        output = await asyncio.to_thread(pipeline.process_batch, [value for _, value in records])
+        await publish_results([outcome for outcome in output.outcomes if isinstance(outcome, DetectionResult)])
+        await publish_findings(output.findings)
+        logger.debug("batch processed records=%d findings=%d", len(records), len(output.findings))
+        return [outcome if isinstance(outcome, BaseException) else None for outcome in output.outcomes]
+
+    @app.timer(interval=IDLE_CHECK_INTERVAL_S)
     async def close_idle_findings() -> None:
-        await publish_findings(tracker.close_idle())
+        await publish_findings(await asyncio.to_thread(pipeline.close_idle))
+
+    @app.task
+    async def follow_model_deployments() -> None:
+        await switcher.follow()
 
     @app.agent(frames)
     async def detect(stream) -> None:  # noqa: ANN001 - faust stream
-        await process_with_dead_letter(stream, service=SERVICE, dead_letter=dead_letter, handle=handle)
+        await process_batches_with_dead_letter(
+            stream,
+            service=SERVICE,
+            dead_letter=dead_letter,
+            handle_batch=handle_batch,
+            max_records=settings.detection_batch_size,
+            within_s=settings.detection_batch_wait_ms / 1000.0,
+        )
 
     return app

@@ -136,3 +136,25 @@ GENDER_SEX: dict[str, float | None] = {"male": 1.0, "female": 0.0, "other": None
 USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
 #: MedicationStatement.status values that mean the drug was not given.
 IGNORED_MEDICATION_STATUSES = frozenset({"entered-in-error", "not-taken"})
+
+#: ICD-10-CM, which US hospitals and mCODE use for the primary cancer condition; ``C18.*`` is read as in ICD-10.
+ICD10_CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
+#: Extension that gives the reason a primitive value is absent (FHIR R4 core).
+DATA_ABSENT_REASON_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+
+#: Regional lymph node category (mCODE TNM N category profiles): pathological first, then clinical.
+N_CATEGORY_CODES: tuple[Code, ...] = (
+    Code(LOINC_SYSTEM, "21900-6", "Regional lymph nodes.pathology [Class] Cancer"),
+    Code(LOINC_SYSTEM, "21906-3", "Regional lymph nodes.clinical [Class] Cancer"),
+)
+#: Stage group (mCODE TNM stage group profiles): pathological first, then clinical.
+STAGE_GROUP_CODES: tuple[Code, ...] = (
+    Code(LOINC_SYSTEM, "21902-2", "Stage group.pathology Cancer"),
+    Code(LOINC_SYSTEM, "21908-9", "Stage group.clinical Cancer"),
+)
+#: A Condition with this code states that regional nodes contain metastases (stage III), but not how many.
+REGIONAL_NODE_METASTASIS_ICD10 = Code(
+    ICD10_SYSTEM, "C77.2", "Secondary and unspecified malignant neoplasm of intra-abdominal lymph nodes"
+)
+#: MedicationAdministration.status values that mean the drug was not given.
+IGNORED_ADMINISTRATION_STATUSES = frozenset({"entered-in-error", "not-done"})

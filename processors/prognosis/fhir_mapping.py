@@ -41,14 +41,20 @@ from processors.prognosis.fhir_codes import (
     COLON_CANCER_ICD10,
     CONDITION_CLINICAL_SYSTEM,
     CONDITION_VERIFICATION_SYSTEM,
+    DATA_ABSENT_REASON_URL,
     FLUOROURACIL,
     GENDER_SEX,
     GRADE_CODES,
+    ICD10_CM_SYSTEM,
     ICD10_SYSTEM,
+    IGNORED_ADMINISTRATION_STATUSES,
     IGNORED_MEDICATION_STATUSES,
     LEVAMISOLE,
+    N_CATEGORY_CODES,
     OBSERVATION_CATEGORY_SYSTEM,
     OBSERVATION_MAPPINGS,
+    REGIONAL_NODE_METASTASIS_ICD10,
+    STAGE_GROUP_CODES,
     SURGERY_INTERVAL_CODES,
     T_CATEGORY_CODES,
     USABLE_OBSERVATION_STATUSES,
@@ -87,6 +93,10 @@ MEDICATION_STATEMENT_STATUSES = frozenset(
     {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"}
 )
 T_CATEGORY_PATTERN = re.compile(r"^[cpyra]*T([1-4])[a-d]?$")
+N_CATEGORY_PATTERN = re.compile(r"^[cpyra]*N(?P<number>[0-3])(?P<letter>[a-c])?(?:\(.*\))?$")
+#: AJCC stage group as written in codes: 2, 2A, II, IIA, "Stage IIIB".
+STAGE_GROUP_PATTERN = re.compile(r"^(?:stage\s*)?(?P<group>IV|I{1,3}|0|[1-4])(?P<letter>[A-C])?$", re.IGNORECASE)
+ROMAN_STAGE = {"0": 0, "I": 1, "II": 2, "III": 3, "IV": 4}
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ def features_from_bundle(bundle: Mapping[str, Any]) -> MappedRecord:
     _read_age(patient, resources, features, missing)
     for mapping in OBSERVATION_MAPPINGS:
         _read_observation(mapping, resources, features, missing)
+    _read_staging(resources, features, missing)
     _derive_node4(features, missing)
     _read_treatment_arm(resources, features, missing)
 
@@ -200,7 +211,8 @@ def _check_resource_types(bundle: Mapping[str, Any]) -> None:
         except ValueError as error:
             raise InvalidBundleError(
                 path,
-                f"{resource_type!r} is not a FHIR R4 resource type; check the spelling, or convert R5 resources to R4",
+                f"{resource_type!r} is not a FHIR R4 resource type; "
+                "check the spelling, or convert STU3 and R5 resources to R4",
             ) from error
 
 
@@ -258,7 +270,7 @@ def _check_subjects(
 def _read_sex(patient: Resource, features: dict[str, FeatureValue], missing: dict[str, str]) -> None:
     gender = patient.get("gender")
     if gender is None:
-        missing["sex"] = "Patient.gender is absent"
+        missing["sex"] = "Patient.gender is absent" + _absent_reason(patient.get("_gender"))
         return
     sex = GENDER_SEX[gender]
     if sex is None:
@@ -289,6 +301,9 @@ def _read_age(
         )
         return
 
+    if patient.get("birthDate") is None:
+        missing["age"] = "Patient.birthDate is absent" + _absent_reason(patient.get("_birthDate"))
+        return
     birth_date = _full_date(patient.get("birthDate"))
     if birth_date is None:
         missing["age"] = f"Patient.birthDate is {patient.get('birthDate')!r}; a full date (YYYY-MM-DD) is needed"
@@ -303,7 +318,7 @@ def _is_colon_cancer(condition: Resource) -> bool:
     for coding in (condition.get("code") or {}).get("coding") or []:
         if coding.get("system") == COLON_CANCER.system and coding.get("code") == COLON_CANCER.code:
             return True
-        if coding.get("system") == ICD10_SYSTEM and str(coding.get("code", "")).startswith("C18"):
+        if coding.get("system") in {ICD10_SYSTEM, ICD10_CM_SYSTEM} and str(coding.get("code", "")).startswith("C18"):
             return True
     return False
 
@@ -330,7 +345,37 @@ def _read_observation(
 
     # The most recent Observation wins; on equal times the later Bundle entry wins.
     index, observation = max(usable, key=lambda item: (_effective_instant(*item), item[0]))
+    absent = _observation_absent_reason(observation)
+    if absent is not None:
+        missing[mapping.feature] = f"the Observation {_code_text(mapping.code)} carries no value: {absent}"
+        return
     features[mapping.feature] = _observation_value(mapping, observation, f"Bundle.entry[{index}].resource")
+
+
+def _observation_absent_reason(observation: Resource) -> str | None:
+    """Return why an Observation has no value (dataAbsentReason, or the extension on value[x]), or None."""
+    if any(key.startswith("value") for key in observation):
+        return None
+    concept = observation.get("dataAbsentReason")
+    if concept is not None:
+        codes = [str(coding.get("code")) for coding in concept.get("coding") or []]
+        return f"dataAbsentReason {', '.join(codes) or concept.get('text')!r}"
+    for key, element in observation.items():
+        if key.startswith("_value"):
+            reason = _absent_reason(element)
+            if reason:
+                return f"{key[1:]} is absent{reason}"
+    return None
+
+
+def _absent_reason(element: object) -> str:
+    """Return `` (data-absent-reason 'code')`` for a primitive's extension element, else an empty string."""
+    if not isinstance(element, Mapping):
+        return ""
+    for extension in element.get("extension") or []:
+        if extension.get("url") == DATA_ABSENT_REASON_URL:
+            return f" (data-absent-reason {extension.get('valueCode')!r})"
+    return ""
 
 
 def _observation_value(mapping: ObservationMapping, observation: Resource, path: str) -> float:
@@ -378,7 +423,7 @@ def _coded_value(concept: Resource, table: Mapping[float, Code], mapping: Observ
     allowed = ", ".join(_code_text(code) for code in table.values())
     raise InvalidBundleError(
         f"{path}.valueCodeableConcept",
-        f"{_shorten(json.dumps(concept))} is not a value the model knows for {_code_text(mapping.code)}; "
+        f"{_shorten(json.dumps(concept, default=str))} is not a value the model knows for {_code_text(mapping.code)}; "
         f"expected {allowed}",
     )
 
@@ -393,8 +438,103 @@ def _t_category_value(concept: Resource, mapping: ObservationMapping, path: str)
             return float(match.group(1))
     raise InvalidBundleError(
         f"{path}.valueCodeableConcept",
-        f"{_shorten(json.dumps(concept))} is not a T category T1 to T4 for {_code_text(mapping.code)}; "
+        f"{_shorten(json.dumps(concept, default=str))} is not a T category T1 to T4 for {_code_text(mapping.code)}; "
         "Tis, T0 and TX have no equivalent in the trial's extent codes",
+    )
+
+
+def _read_staging(
+    resources: list[tuple[int, Resource]], features: dict[str, FeatureValue], missing: dict[str, str]
+) -> None:
+    """Fill ``nodes`` and ``node4`` from the N category or the stage group when no count was sent.
+
+    AJCC (7th and 8th editions) colon cancer: stage I and II mean N0, stage
+    III means positive regional nodes; N1 is 1 to 3 positive nodes, N2a 4 to 6
+    and N2b 7 or more. Where the stage shows only that nodes are positive, the
+    reason in ``missing`` states that instead of guessing a count.
+    """
+    if features["nodes"] is not None:
+        return
+    n_category, n_source = _n_category(resources)
+    stage, stage_source = _stage_group(resources)
+
+    if n_category == "0" or (n_category is None and stage in {1, 2}):
+        source = n_source or stage_source
+        features["nodes"] = 0.0
+        missing.pop("nodes", None)
+        logger.debug("nodes derived as 0 from %s", source)
+        return
+
+    # N1 (1 to 3 nodes) rules out more than 4 and N2b (7 or more) implies it; N2 and N2a (4 to 6) leave it open.
+    if features["node4"] is None and n_category is not None and (n_category.startswith("1") or n_category == "2b"):
+        features["node4"] = float(n_category == "2b")
+        missing.pop("node4", None)
+
+    positive_from = None
+    if n_category is not None:
+        positive_from = n_source
+    elif stage == 3:
+        positive_from = stage_source
+    if positive_from is None and _has_condition_code(resources, REGIONAL_NODE_METASTASIS_ICD10):
+        positive_from = f"the Condition coded ICD-10 {REGIONAL_NODE_METASTASIS_ICD10.code}"
+    if positive_from is not None:
+        missing["nodes"] += f"; {positive_from} says regional nodes are positive but not how many"
+
+
+def _n_category(resources: list[tuple[int, Resource]]) -> tuple[str | None, str | None]:
+    """Return the N category as ``0``, ``1``, ``1a``, ``2``, ``2b``... and where it was read, or (None, None)."""
+    for code in N_CATEGORY_CODES:
+        for _, observation in _usable_observations(resources, code):
+            for coding in (observation.get("valueCodeableConcept") or {}).get("coding") or []:
+                match = N_CATEGORY_PATTERN.match(str(coding.get("code", "")))
+                if match:
+                    category = match.group("number") + (match.group("letter") or "")
+                    return category, f"the N category {coding.get('code')} ({_code_text(code)})"
+    return None, None
+
+
+def _stage_group(resources: list[tuple[int, Resource]]) -> tuple[int | None, str | None]:
+    """Return the AJCC stage group 0 to 4 from a stage group Observation or Condition.stage.summary."""
+    for code in STAGE_GROUP_CODES:
+        for _, observation in _usable_observations(resources, code):
+            group = _stage_number(observation.get("valueCodeableConcept"))
+            if group is not None:
+                return group, f"the stage group Observation {_code_text(code)}"
+    for _, condition in resources:
+        if condition["resourceType"] != "Condition" or not _is_colon_cancer(condition):
+            continue
+        for stage in condition.get("stage") or []:
+            group = _stage_number(stage.get("summary"))
+            if group is not None:
+                return group, "Condition.stage.summary"
+    return None, None
+
+
+def _stage_number(concept: Resource | None) -> int | None:
+    for coding in (concept or {}).get("coding") or []:
+        match = STAGE_GROUP_PATTERN.match(str(coding.get("code", "")).strip())
+        if match:
+            group = match.group("group").upper()
+            return ROMAN_STAGE[group] if group in ROMAN_STAGE else int(group)
+    return None
+
+
+def _usable_observations(resources: list[tuple[int, Resource]], code: Code) -> list[tuple[int, Resource]]:
+    """Return the Observations with ``code`` and a usable status, the most recent first."""
+    matching = [
+        (index, resource)
+        for index, resource in resources
+        if resource["resourceType"] == "Observation"
+        and resource["status"] in USABLE_OBSERVATION_STATUSES
+        and _has_code(resource.get("code"), (code,))
+    ]
+    return sorted(matching, key=lambda item: (_effective_instant(*item), item[0]), reverse=True)
+
+
+def _has_condition_code(resources: list[tuple[int, Resource]], code: Code) -> bool:
+    return any(
+        resource["resourceType"] == "Condition" and _has_code(resource.get("code"), (code,))
+        for _, resource in resources
     )
 
 
@@ -409,20 +549,27 @@ def _derive_node4(features: dict[str, FeatureValue], missing: dict[str, str]) ->
 def _read_treatment_arm(
     resources: list[tuple[int, Resource]], features: dict[str, FeatureValue], missing: dict[str, str]
 ) -> None:
-    """Set ``rx`` from the levamisole and fluorouracil MedicationStatements; none means observation only."""
+    """Set ``rx`` from the levamisole and fluorouracil given; no such drug means observation only.
+
+    A drug counts when a MedicationStatement or a MedicationAdministration
+    names it, by code or by a reference to a Medication in the Bundle or
+    among its own contained resources (``#id``).
+    """
     medications = {
         _local_reference(index, resource): resource
         for index, resource in resources
         if resource["resourceType"] == "Medication"
     }
     drugs: set[Code] = set()
-    for _, statement in resources:
-        if statement["resourceType"] != "MedicationStatement" or statement["status"] in IGNORED_MEDICATION_STATUSES:
+    for _, use in resources:
+        if not _is_medication_given(use):
             continue
-        concept = statement.get("medicationCodeableConcept")
+        concept = use.get("medicationCodeableConcept")
         if concept is None:
-            reference = (statement.get("medicationReference") or {}).get("reference", "")
-            concept = (medications.get(reference) or {}).get("code")
+            reference = (use.get("medicationReference") or {}).get("reference", "")
+            contained = {f"#{item.get('id')}": item for item in use.get("contained") or []}
+            medication = contained.get(reference) or medications.get(reference) or {}
+            concept = medication.get("code")
         drugs.update(drug for drug in (LEVAMISOLE, FLUOROURACIL) if _has_code(concept, (drug,)))
 
     for arm, arm_drugs in ARM_DRUGS.items():
@@ -430,6 +577,14 @@ def _read_treatment_arm(
             features["rx"] = arm
             return
     missing["rx"] = "fluorouracil without levamisole matches no trial arm (Obs, Lev, Lev+5FU)"
+
+
+def _is_medication_given(resource: Resource) -> bool:
+    if resource["resourceType"] == "MedicationStatement":
+        return resource["status"] not in IGNORED_MEDICATION_STATUSES
+    if resource["resourceType"] == "MedicationAdministration":
+        return resource["status"] not in IGNORED_ADMINISTRATION_STATUSES
+    return False
 
 
 def _local_reference(index: int, resource: Resource) -> str:

@@ -68,9 +68,10 @@ def training_metrics(fit: SurvivalFit, table: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def train(out: Path, seed: int, command: str) -> RecurrenceSurvivalModel:
-    """Fit on all trial patients, fit the surrogate tree, and save the weights and sidecar to ``out``."""
-    table = load_recurrence_table()
+def train(out: Path, seed: int, command: str, table: pd.DataFrame | None = None) -> RecurrenceSurvivalModel:
+    """Fit on ``table`` (default: all trial patients), fit the surrogate tree, and save the weights and sidecar."""
+    if table is None:
+        table = load_recurrence_table()
     fit = fit_survival_model(table, seed)
 
     primary_days = HORIZON_DAYS[PRIMARY_HORIZON_YEARS]

@@ -1,0 +1,363 @@
+"""Real-time frame processing: micro-batches, the stale-frame policy and the Grad-CAM budget.
+
+``DetectionPipeline.process_batch`` turns a micro-batch of ``frames`` records
+into detection results and finding events:
+
+1. Each record is parsed and its JPEG decoded on its own, so one bad record
+   is rejected alone.
+2. A frame whose capture timestamp is older than the latency budget is not
+   run through the model. It gets a result with ``skipped_reason="stale"``
+   and counts in ``crc_frames_skipped{reason="stale"}``, so the detector
+   catches up instead of letting its lag grow.
+3. The other frames go through the model in one forward pass.
+4. A flagged frame gets a Grad-CAM heatmap only while its procedure is within
+   ``heatmaps_per_s`` (counted on capture time). The representative (peak)
+   frame of every finding event always gets one, from a copy of that frame
+   kept while it is a track's peak.
+
+The pipeline blocks; the Faust agent runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import cv2
+import numpy as np
+import torch
+
+from crc_medai import metrics
+from crc_medai.errors import ProcessingError
+from crc_medai.settings import Settings
+from crc_medai.storage import create_minio, ensure_bucket, put_png
+from processors.detection.explain import GradCamExplainer
+from processors.detection.model import PolypDetector, Prediction
+from processors.detection.tracking import FindingTracker
+from schemas.messages import DetectionResult, Frame, ModelRef, PolypFinding, Region, utc_now
+
+logger = logging.getLogger(__name__)
+
+#: One outcome per record of a batch: its detection result, or the error that rejects it.
+Outcome = DetectionResult | BaseException
+
+
+class FrameDecodeError(ProcessingError):
+    """A frame's image bytes are not a decodable colour JPEG of the announced size."""
+
+
+def decode_frame(frame: Frame) -> np.ndarray:
+    """Decode the frame's JPEG into a BGR image and check it against the announced size."""
+    if not frame.image:
+        raise FrameDecodeError(
+            f"frame {frame.sequence} of procedure {frame.procedure_id}: image is empty (0 bytes); "
+            "the capture agent must send a JPEG"
+        )
+    buffer = np.frombuffer(frame.image, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise FrameDecodeError(
+            f"frame {frame.sequence} of procedure {frame.procedure_id}: {len(frame.image)} bytes "
+            "are not a decodable JPEG; check the capture agent's encoder"
+        )
+    if image.ndim != 3 or image.shape[2] != 3:
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        raise FrameDecodeError(
+            f"frame {frame.sequence} of procedure {frame.procedure_id}: image has {channels} channel(s), "
+            "expected 3 (colour BGR)"
+        )
+    height, width = image.shape[:2]
+    if (width, height) != (frame.width, frame.height):
+        raise FrameDecodeError(
+            f"frame {frame.sequence} of procedure {frame.procedure_id}: image is {width}x{height}, "
+            f"but the message announces {frame.width}x{frame.height}"
+        )
+    return image
+
+
+def heatmap_key(frame: Frame) -> str:
+    """Return the MinIO object key of a frame's Grad-CAM overlay."""
+    return f"heatmaps/{frame.procedure_id}/{frame.sequence:06d}-{frame.event_id}.png"
+
+
+def select_device(requested: str) -> str:
+    """Return the torch device for ``requested``: ``auto`` is CUDA when a GPU is present, else the CPU.
+
+    Raises:
+        ProcessingError: CUDA was requested but torch finds no CUDA device.
+    """
+    # NOTE: only the CPU path has been run; no test machine of this project has had a CUDA device.
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ProcessingError(
+            f"detection_device={requested} but torch finds no CUDA device; set CRC_DETECTION_DEVICE=cpu or auto"
+        )
+    return requested
+
+
+def configure_torch_threads(requested: int) -> int:
+    """Set torch's intra-op threads to ``requested``, or to half the cores this process may use when 0.
+
+    Half, because the worker's Kafka client, JPEG decoding and often the broker
+    share the cores, and torch's OpenMP threads degrade badly when they have to
+    wait for a core. On a 2-core machine with other jobs running, one frame took
+    21-36 ms with one thread and 140-580 ms with two (``PolypDetector.predict``,
+    256 x 256 frames, torch 2.15 CPU build).
+    """
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class HeatmapRateLimiter:
+    """Allows at most ``rate_per_s`` heatmaps per second of capture time for each procedure.
+
+    Capture time rather than wall-clock time is used, so a detector that
+    catches up after a pause explains the same frames as one that never fell
+    behind. A rate of 0 allows none.
+    """
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.interval_s = 1.0 / rate_per_s if rate_per_s > 0 else None
+        self._last: dict[str, datetime] = {}
+
+    def allows(self, procedure_id: str, captured_at: datetime) -> bool:
+        """Tell whether a heatmap of a frame captured at ``captured_at`` fits the procedure's rate."""
+        if self.interval_s is None:
+            return False
+        last = self._last.get(procedure_id)
+        return last is None or (captured_at - last).total_seconds() >= self.interval_s
+
+    def record(self, procedure_id: str, captured_at: datetime) -> None:
+        """Count a heatmap made for a frame captured at ``captured_at``."""
+        last = self._last.get(procedure_id)
+        if last is None or captured_at > last:
+            self._last[procedure_id] = captured_at
+
+
+@dataclass(frozen=True)
+class _KeptFrame:
+    frame: Frame
+    image: np.ndarray
+
+
+@dataclass
+class BatchOutput:
+    """Detection results and finding events of one micro-batch."""
+
+    outcomes: list[Outcome]
+    """One per record, in record order."""
+    findings: list[PolypFinding] = field(default_factory=list)
+    """Finding events, in the order the tracker emitted them."""
+
+
+class DetectionPipeline:
+    """Runs detection, the stale-frame policy, Grad-CAM and the finding tracker on micro-batches.
+
+    ``process_batch`` and ``close_idle`` may be called from different threads;
+    a lock serialises them.
+    """
+
+    def __init__(self, settings: Settings, detector: PolypDetector | None = None) -> None:
+        self.settings = settings
+        self.detector = detector or PolypDetector.load(
+            settings.detection_model_path, device=select_device(settings.detection_device)
+        )
+        self.explainer = GradCamExplainer(self.detector)
+        self.minio = create_minio(settings)
+        ensure_bucket(self.minio, settings.heatmap_bucket)
+        self.model_ref = ModelRef(name=self.detector.name, version=self.detector.version)
+        self.tracker = FindingTracker(
+            max_gap_s=settings.detection_track_max_gap_s,
+            min_frames_to_open=settings.detection_track_min_frames,
+            confirm_window_s=settings.detection_track_confirm_window_s,
+        )
+        self.limiter = HeatmapRateLimiter(settings.detection_heatmaps_per_s)
+        self._kept: dict[tuple[str, int], _KeptFrame] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the Grad-CAM hooks."""
+        self.explainer.close()
+
+    def use_detector(self, detector: PolypDetector, model_ref: ModelRef) -> None:
+        """Run the next batches with ``detector``, named ``model_ref`` in results; the batch in flight finishes first.
+
+        Open findings and kept frames stay, so a polyp seen by both versions remains one finding.
+        """
+        with self._lock:
+            self.explainer.close()
+            self.detector = detector
+            self.explainer = GradCamExplainer(detector)
+            self.model_ref = model_ref
+
+    def process_batch(self, values: list[bytes | None]) -> BatchOutput:
+        """Process the record values of one micro-batch; see the module docstring for the steps."""
+        with self._lock:
+            outcomes: list[Outcome | tuple[Frame, np.ndarray]] = [self._decode(value) for value in values]
+            self._skip_stale(outcomes)
+            self._predict(outcomes)
+            return self._track(outcomes)
+
+    def close_idle(self) -> list[PolypFinding]:
+        """Close the findings that no flagged frame joined for a while; see ``FindingTracker.close_idle``."""
+        with self._lock:
+            events = [self._explain_finding(event, {}) for event in self.tracker.close_idle()]
+            self._forget_frames()
+            return events
+
+    def _decode(self, value: bytes | None) -> Outcome | tuple[Frame, np.ndarray]:
+        try:
+            frame = Frame.from_bytes(value)
+            return frame, decode_frame(frame)
+        except Exception as exc:  # noqa: BLE001 - the error becomes this record's outcome and is dead-lettered
+            return exc
+
+    def _skip_stale(self, outcomes: list) -> None:
+        """Replace each decoded frame older than the latency budget by its skipped result; a budget of 0 skips none."""
+        if self.settings.detection_latency_budget_ms == 0:
+            return
+        now = utc_now()
+        budget_s = self.settings.detection_latency_budget_ms / 1000.0
+        for index, outcome in enumerate(outcomes):
+            if not isinstance(outcome, tuple):
+                continue
+            frame = outcome[0]
+            if (now - frame.captured_at).total_seconds() > budget_s:
+                outcomes[index] = self._skipped_result(frame, "stale")
+                metrics.record_frame_skipped("stale")
+
+    def _predict(self, outcomes: list) -> None:
+        """Run the model once on every frame still pending and replace each by its (frame, image, prediction)."""
+        pending = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, tuple)]
+        if not pending:
+            return
+        started = time.perf_counter()
+        try:
+            predictions = self.detector.predict([outcomes[index][1] for index in pending])
+        except Exception as exc:  # noqa: BLE001 - every frame of the failed pass is dead-lettered with the error
+            for index in pending:
+                outcomes[index] = exc
+            return
+        # NOTE: inference_ms is the batch's forward time shared evenly among its frames.
+        per_frame_ms = (time.perf_counter() - started) * 1000.0 / len(pending)
+        for index, prediction in zip(pending, predictions, strict=True):
+            frame, image = outcomes[index]
+            outcomes[index] = (frame, image, prediction, per_frame_ms)
+
+    def _track(self, outcomes: list) -> BatchOutput:
+        """Build each frame's result, feed the tracker in record order and explain the findings' frames."""
+        results: list[Outcome] = []
+        findings: list[PolypFinding] = []
+        explained: dict[tuple[str, int], dict[str, str]] = {}
+        for outcome in outcomes:
+            if isinstance(outcome, tuple):
+                try:
+                    outcome = self._detect_result(*outcome)
+                except Exception as exc:  # noqa: BLE001 - a failed heatmap rejects this frame only
+                    results.append(exc)
+                    continue
+            results.append(outcome)
+            if isinstance(outcome, DetectionResult):
+                findings += [self._explain_finding(event, explained) for event in self.tracker.update(outcome)]
+
+        # A frame explained for a finding carries its heatmap in its own result too.
+        for index, result in enumerate(results):
+            if isinstance(result, DetectionResult) and (result.procedure_id, result.sequence) in explained:
+                results[index] = result.model_copy(update=explained[(result.procedure_id, result.sequence)])
+        self._forget_frames()
+        return BatchOutput(outcomes=results, findings=findings)
+
+    def _detect_result(
+        self, frame: Frame, image: np.ndarray, prediction: Prediction, inference_ms: float
+    ) -> DetectionResult:
+        flagged = prediction.probability >= self.settings.detection_threshold
+        region = None
+        if flagged and prediction.region is not None:
+            x, y, width, height = prediction.region
+            region = Region(x=x, y=y, width=max(width, 1), height=max(height, 1))
+
+        heatmap: dict[str, str] = {}
+        if flagged and self.limiter.allows(frame.procedure_id, frame.captured_at):
+            heatmap = self._explain(frame, image)
+        elif flagged:
+            metrics.record_heatmap("rate_limited")
+            self._kept[(frame.procedure_id, frame.sequence)] = _KeptFrame(frame, image)
+
+        return DetectionResult(
+            frame_event_id=frame.event_id,
+            procedure_id=frame.procedure_id,
+            patient_id=frame.patient_id,
+            sequence=frame.sequence,
+            captured_at=frame.captured_at,
+            source_ts=utc_now(),
+            polyp_probability=float(prediction.probability),
+            flagged=flagged,
+            region=region,
+            model=self.model_ref,
+            inference_ms=inference_ms,
+            **heatmap,
+        )
+
+    def _skipped_result(self, frame: Frame, reason: str) -> DetectionResult:
+        return DetectionResult(
+            frame_event_id=frame.event_id,
+            procedure_id=frame.procedure_id,
+            patient_id=frame.patient_id,
+            sequence=frame.sequence,
+            captured_at=frame.captured_at,
+            source_ts=utc_now(),
+            polyp_probability=0.0,
+            flagged=False,
+            model=self.model_ref,
+            inference_ms=0.0,
+            skipped_reason=reason,
+        )
+
+    def _explain(self, frame: Frame, image: np.ndarray) -> dict[str, str]:
+        """Compute, store and count one Grad-CAM overlay; return the result fields that reference it."""
+        started = time.perf_counter()
+        explanation = self.explainer.explain(image)
+        key = heatmap_key(frame)
+        put_png(self.minio, self.settings.heatmap_bucket, key, explanation.overlay_png)
+        metrics.HEATMAP_SECONDS.observe(time.perf_counter() - started)
+        metrics.record_heatmap("computed")
+        self.limiter.record(frame.procedure_id, frame.captured_at)
+        return {
+            "heatmap_key": key,
+            "heatmap_bucket": self.settings.heatmap_bucket,
+            "explanation_method": explanation.method,
+        }
+
+    def _explain_finding(self, finding: PolypFinding, explained: dict[tuple[str, int], dict[str, str]]) -> PolypFinding:
+        """Give a finding event the heatmap of its representative frame when that frame has none yet."""
+        if finding.heatmap_key is not None:
+            return finding
+        identity = (finding.procedure_id, finding.representative_sequence)
+        kept = self._kept.get(identity)
+        if kept is None:
+            return finding
+        try:
+            heatmap = self._explain(kept.frame, kept.image)
+        except Exception:  # noqa: BLE001 - the finding is published without a heatmap; the error is logged
+            logger.exception(
+                "heatmap of a finding's frame failed finding=%s sequence=%d; publishing it without a heatmap",
+                finding.finding_id,
+                finding.representative_sequence,
+            )
+            return finding
+        explained[identity] = heatmap
+        self.tracker.attach_heatmap(finding.procedure_id, finding.representative_sequence, **heatmap)
+        return finding.model_copy(update=heatmap)
+
+    def _forget_frames(self) -> None:
+        """Drop kept frames that are no longer the peak of any track."""
+        wanted = self.tracker.representative_frames()
+        for identity in list(self._kept):
+            if identity not in wanted:
+                del self._kept[identity]
