@@ -10,13 +10,15 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * Command line of the FHIR R4 validation harness.
  *
  * <pre>
- * java -jar fhir-validator.jar validate [--json] FILE...
- * java -jar fhir-validator.jar serve [--host 127.0.0.1] [--port 0] [--threads 1]
+ * java -jar fhir-validator.jar validate [--json] [--terminology TGZ] FILE...
+ * java -jar fhir-validator.jar serve [--host 127.0.0.1] [--port 0] [--threads 1] [--terminology TGZ]
  * </pre>
  *
  * <p>{@code validate} prints each file's issues (or its OperationOutcome with {@code --json}) and exits 1 when any
@@ -24,6 +26,9 @@ import java.util.List;
  * {@code READY port=N} on stdout once the R4 definitions are loaded, and exits when its standard input closes,
  * so the server never outlives the process that started it. It handles requests on {@code --threads} worker
  * threads, and the default of 1 validates one resource at a time.
+ *
+ * <p>{@code --terminology} names the HL7 Terminology npm tarball, by default
+ * {@code packages/hl7.terminology.r4-<version>.tgz} beside the jar. Both commands exit 2 when it cannot be loaded.
  */
 public final class Main {
 
@@ -31,6 +36,8 @@ public final class Main {
     private static final String WARM_UP = "{\"resourceType\":\"Observation\",\"status\":\"final\","
             + "\"code\":{\"text\":\"warm-up\"},\"valueQuantity\":{\"value\":1,\"system\":\"http://unitsofmeasure.org\","
             + "\"code\":\"1\"}}";
+
+    private static final Logger LOG = LoggerFactory.getLogger(Main.class);
 
     private Main() {}
 
@@ -53,13 +60,18 @@ public final class Main {
 
     private static int validateFiles(List<String> args) throws IOException {
         boolean json = args.contains("--json");
+        Path terminology = terminologyOption(args);
         List<String> files = new ArrayList<>(args);
         files.remove("--json");
+        int terminologyIndex = files.indexOf("--terminology");
+        if (terminologyIndex >= 0) {
+            files.subList(terminologyIndex, terminologyIndex + 2).clear();
+        }
         if (files.isEmpty()) {
             usage("validate needs at least one FILE");
         }
 
-        R4Validator validator = new R4Validator();
+        R4Validator validator = loadValidator(terminology);
         int failed = 0;
         for (String file : files) {
             Path path = Path.of(file);
@@ -100,18 +112,44 @@ public final class Main {
         int port = Integer.parseInt(option(args, "--port", "0"));
         int threads = Integer.parseInt(option(args, "--threads", "1"));
 
+        Path terminology = terminologyOption(args);
+
         long started = System.nanoTime();
-        R4Validator validator = new R4Validator();
+        R4Validator validator = loadValidator(terminology);
         validator.validate(WARM_UP);
         ValidationServer server = new ValidationServer(validator, host, port, threads);
         server.start();
         long loadMs = (System.nanoTime() - started) / 1_000_000;
 
-        System.out.println("READY port=" + server.port() + " hapi=" + hapiVersion() + " load_ms=" + loadMs);
+        System.out.println("READY port=" + server.port() + " hapi=" + hapiVersion() + " terminology="
+                + validator.terminology().id() + " load_ms=" + loadMs);
         System.out.flush();
         waitForEndOfInput(System.in);
         server.stop();
         System.exit(0);
+    }
+
+    private static Path terminologyOption(List<String> args) {
+        String path = option(args, "--terminology", null);
+        return path == null ? TerminologyPackage.defaultPath() : Path.of(path);
+    }
+
+    /** Builds the validator, or exits 2 when the terminology package cannot be loaded. */
+    private static R4Validator loadValidator(Path terminology) {
+        long started = System.nanoTime();
+        R4Validator validator;
+        try {
+            validator = new R4Validator(terminology);
+        } catch (TerminologyPackage.LoadException error) {
+            System.err.println("loading the terminology package failed: " + error.getMessage());
+            System.exit(2);
+            return null;
+        }
+        TerminologyPackage loaded = validator.terminology();
+        LOG.info("validator loaded terminology={} code_systems={} value_sets={} path={} load_ms={}", loaded.id(),
+                loaded.codeSystemCount(), loaded.valueSetCount(), terminology,
+                (System.nanoTime() - started) / 1_000_000);
+        return validator;
     }
 
     /** Blocks until standard input reaches end of file, which happens when the parent process exits. */
@@ -138,8 +176,9 @@ public final class Main {
 
     private static void usage(String problem) {
         System.err.println(problem);
-        System.err.println("usage: java -jar fhir-validator.jar validate [--json] FILE...");
-        System.err.println("       java -jar fhir-validator.jar serve [--host 127.0.0.1] [--port 0] [--threads 1]");
+        System.err.println("usage: java -jar fhir-validator.jar validate [--json] [--terminology TGZ] FILE...");
+        System.err.println("       java -jar fhir-validator.jar serve [--host 127.0.0.1] [--port 0] [--threads 1]"
+                + " [--terminology TGZ]");
         System.exit(2);
     }
 }

@@ -9,6 +9,7 @@ import ca.uhn.fhir.validation.FhirValidator;
 import ca.uhn.fhir.validation.SingleValidationMessage;
 import ca.uhn.fhir.validation.ValidationResult;
 import com.google.gson.JsonParseException;
+import java.nio.file.Path;
 import java.util.List;
 import org.hl7.fhir.common.hapi.validation.support.CommonCodeSystemsTerminologyService;
 import org.hl7.fhir.common.hapi.validation.support.InMemoryTerminologyServerValidationSupport;
@@ -17,10 +18,12 @@ import org.hl7.fhir.common.hapi.validation.support.ValidationSupportChain;
 import org.hl7.fhir.common.hapi.validation.validator.FhirInstanceValidator;
 
 /**
- * The HAPI FHIR instance validator set up with the FHIR R4 (4.0.1) core definitions and no terminology server.
+ * The HAPI FHIR instance validator set up with the FHIR R4 (4.0.1) core definitions, the HL7 Terminology (THO)
+ * package and no terminology server.
  *
- * <p>The support chain contains the R4 core StructureDefinitions, ValueSets and CodeSystems (including the
- * terminology.hl7.org code systems as published with R4), HAPI's built-in code systems (UCUM, BCP-47, MIME types,
+ * <p>The support chain contains the CodeSystems and ValueSets of {@link TerminologyPackage}, then the R4 core
+ * StructureDefinitions, ValueSets and CodeSystems. The chain returns the first match, so THO's current editions of
+ * the terminology.hl7.org code systems win over those published with R4. It ends with HAPI's built-in code systems (UCUM, BCP-47, MIME types,
  * ISO 3166 and 4217), in-memory value set expansion and snapshot generation. SNOMED CT, LOINC and other external
  * code systems are not loaded, so codes from them are not checked, and {@link SeverityPolicy} decides what those
  * issues mean.
@@ -30,9 +33,18 @@ public final class R4Validator {
     private final FhirContext context;
     private final FhirValidator validator;
 
-    public R4Validator() {
+    private final TerminologyPackage terminology;
+
+    /** Loads the terminology package from {@link TerminologyPackage#defaultPath()}. */
+    public R4Validator() throws TerminologyPackage.LoadException {
+        this(TerminologyPackage.defaultPath());
+    }
+
+    public R4Validator(Path terminologyPackage) throws TerminologyPackage.LoadException {
         context = FhirContext.forR4();
+        terminology = TerminologyPackage.load(context, terminologyPackage);
         ValidationSupportChain support = new ValidationSupportChain(
+                terminology.support(),
                 new DefaultProfileValidationSupport(context),
                 new CommonCodeSystemsTerminologyService(context),
                 new InMemoryTerminologyServerValidationSupport(context),
@@ -40,6 +52,11 @@ public final class R4Validator {
         FhirInstanceValidator instanceValidator = new FhirInstanceValidator(support);
         validator = context.newValidator();
         validator.registerValidatorModule(instanceValidator);
+    }
+
+    /** Returns the terminology package in the support chain. */
+    public TerminologyPackage terminology() {
+        return terminology;
     }
 
     /** Returns the FHIR context the validator uses, for parsing and encoding. */

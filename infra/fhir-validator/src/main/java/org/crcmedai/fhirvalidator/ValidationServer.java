@@ -62,7 +62,8 @@ public final class ValidationServer {
 
     private void handleHealth(HttpExchange exchange) throws IOException {
         try (exchange) {
-            send(exchange, 200, "{\"status\":\"ok\",\"hapiVersion\":\"" + Main.hapiVersion() + "\"}");
+            send(exchange, 200, "{\"status\":\"ok\",\"hapiVersion\":\"" + Main.hapiVersion()
+                    + "\",\"terminology\":\"" + validator.terminology().id() + "\"}");
         }
     }
 
