@@ -53,6 +53,11 @@ HEADER_ORIGIN_TOPIC = "crc-origin-topic"
 HEADER_ORIGIN_PARTITION = "crc-origin-partition"
 HEADER_ORIGIN_OFFSET = "crc-origin-offset"
 HEADER_ORIGIN_SOURCE = "crc-origin-source"
+HEADER_TRUNCATED = "crc-truncated"
+HEADER_ORIGINAL_BYTES = "crc-original-bytes"
+
+#: Bytes of a Kafka record set aside for the key, the headers and the batch framing when sizing its value.
+RECORD_OVERHEAD_BYTES = 16 * 1024
 
 # A dead-letter error text longer than this is cut, so one huge error cannot exceed a record.
 MAX_ERROR_CHARS = 4000
@@ -82,6 +87,26 @@ def dead_letter_headers(
     if source is not None:
         headers.append((HEADER_ORIGIN_SOURCE, source))
     return [(name, value.encode("utf-8")) for name, value in headers]
+
+
+def max_value_bytes(settings: Settings) -> int:
+    """Return the largest record value a producer can send under ``settings.kafka_max_message_bytes``."""
+    return settings.kafka_max_message_bytes - RECORD_OVERHEAD_BYTES
+
+
+def fit_dead_letter(
+    value: bytes | None, headers: list[tuple[str, bytes]], max_bytes: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """Cut a dead-letter value longer than ``max_bytes`` to its first ``max_bytes`` bytes.
+
+    A cut value gets the headers ``crc-truncated: true`` and
+    ``crc-original-bytes: <size>``, so that the dead-letter record still fits
+    the broker's limit and says what it lost.
+    """
+    if value is None or len(value) <= max_bytes:
+        return value, headers
+    marks = [(HEADER_TRUNCATED, b"true"), (HEADER_ORIGINAL_BYTES, str(len(value)).encode("utf-8"))]
+    return value[:max_bytes], [*headers, *marks]
 
 
 def decode_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -124,7 +149,7 @@ def create_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
-        "max_request_size": 8 * 1024 * 1024,
+        "max_request_size": settings.kafka_max_message_bytes,
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

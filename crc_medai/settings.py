@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         description="Prepended to every topic and consumer group name; tests use it to isolate runs.",
     )
     topic_partitions: int = 3
+    kafka_max_message_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest Kafka record (bytes): the broker's message.max.bytes, the producers' max_request_size.",
+    )
 
     # MinIO (S3)
     minio_endpoint: str = "127.0.0.1:19000"

@@ -61,7 +61,7 @@ def _faust_app(settings: Settings, service: str) -> faust.App:
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
-        producer_max_request_size=8 * 1024 * 1024,
+        producer_max_request_size=settings.kafka_max_message_bytes,
         broker_commit_every=100,
         broker_commit_interval=1.0,
     )

@@ -34,6 +34,16 @@ WRITE_METHODS = frozenset({"POST", "PUT"})
 #: Namespace of the ``urn:uuid`` fullUrls written for entries that came without one.
 FULL_URL_NAMESPACE = uuid.UUID("0b7e4a52-8f0c-4c0e-9d51-3f6b2a7c9e10")
 
+# Markers of an element's value in the model check's messages, and the texts that can follow it (without_input_value).
+_VALUE_OPENING = " (value "
+_VALUE_CLOSING = "; the Bundle must be valid FHIR R4"
+_VALUE_TAILS = (
+    "; FHIR dates are YYYY, YYYY-MM or YYYY-MM-DD, and a dateTime with a time needs a timezone, "
+    "for example 2019-03-01T10:00:00+01:00" + _VALUE_CLOSING,
+    _VALUE_CLOSING,
+)
+_INVALID_CODE = " is not a valid code; expected one of "
+
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPED_REFERENCE = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
 
@@ -263,7 +273,26 @@ def _validate(bundle: dict[str, Any], prefix: str | None) -> None:
         element = error.element_path
         if prefix is not None:
             element = element.replace("Bundle.entry[0].resource", prefix, 1)
-        raise RecordRejected(element, _explain(error.reason)) from error
+        raise RecordRejected(element, _explain(without_input_value(error.reason))) from error
+
+
+def without_input_value(reason: str) -> str:
+    """Remove the element's value from a model check message, because the value may be PHI.
+
+    The model check (:func:`processors.prognosis.fhir_mapping.validate_bundle`)
+    writes ``<message> (value <repr>)<hint>; the Bundle must be valid FHIR R4``
+    for a schema error and ``<repr> is not a valid code; expected one of [...]``
+    for a code outside its value set. Everything after the value is kept only
+    when it is one of those known tails, so no part of the value survives.
+    """
+    code = reason.rfind(_INVALID_CODE)
+    if code >= 0:
+        return reason[code + 1 :]
+    start = reason.find(_VALUE_OPENING)
+    if start < 0:
+        return reason
+    tail = next((tail for tail in _VALUE_TAILS if reason.endswith(tail)), "")
+    return reason[:start].rstrip(".") + tail
 
 
 def _explain(reason: str) -> str:

@@ -16,8 +16,11 @@ current resources. Its ``source_ts`` is their latest timestamp, or the time
 received when none has one. Its ``event_id`` is derived from its content, so
 the same content is published under the same event id and scored once.
 
-A rejected input is written unchanged to ``dlq.<service>`` with the error and
-its origin in the headers, and :class:`RecordRejected` is raised.
+A record whose serialised form exceeds the Kafka limit
+(``CRC_KAFKA_MAX_MESSAGE_BYTES``) is rejected before anything is stored. A
+rejected input is written to ``dlq.<service>`` with the error and its origin in
+the headers, and :class:`RecordRejected` is raised. The dead-letter value is
+the input unchanged, or its first bytes when the input itself exceeds the limit.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from crc_medai.kafka import dead_letter_headers
+from crc_medai.kafka import dead_letter_headers, fit_dead_letter, max_value_bytes
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from processors.prognosis.errors import InvalidBundleError
@@ -53,7 +56,15 @@ from producers.fhir_input import (
 )
 from schemas.messages import PatientRecord, utc_now
 
-__all__ = ["AcceptedRecord", "NdjsonOutcome", "RecordIntake", "RecordOrigin", "RecordRejected", "check_input"]
+__all__ = [
+    "AcceptedRecord",
+    "NdjsonOutcome",
+    "RecordIntake",
+    "RecordOrigin",
+    "RecordRejected",
+    "RecordTooLarge",
+    "check_input",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +72,21 @@ logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("3c1f5e0a-7d2b-4b8e-a6f4-9e0d2c8b1a55")
 #: Seconds a per-patient lock is held at most, so a crashed intake cannot block a patient for good.
 PATIENT_LOCK_TIMEOUT_S = 30.0
+
+
+class RecordTooLarge(RecordRejected):
+    """The patient record built from an input exceeds the largest Kafka record."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            None,
+            f"the patient record built from this input has {size} bytes, more than the Kafka limit of {limit} "
+            "bytes (CRC_KAFKA_MAX_MESSAGE_BYTES); the record holds all of the patient's current resources, so "
+            "split the Bundle into smaller ones or send NDJSON, and link large attachments by URL instead of "
+            "embedding them",
+        )
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,8 @@ class AcceptedRecord:
     missing: dict[str, str]
     #: ``Type/id`` of incoming resources that were older than the stored version and so were not applied.
     stale: list[str] = field(default_factory=list)
+    #: True when the input changed none of the stored resources, so the record equals the one published before.
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,7 +238,8 @@ class RecordIntake:
             partition=origin.partition if origin else None,
             offset=origin.offset if origin else None,
         )
-        await self.producer.send_and_wait(self.dead_letter_topic, value=raw, headers=headers)
+        value, headers = fit_dead_letter(raw, headers, max_value_bytes(self.settings))
+        await self.producer.send_and_wait(self.dead_letter_topic, value=value, headers=headers)
 
     # Merging and publishing
 
@@ -234,12 +263,15 @@ class RecordIntake:
                 bundle=bundle,
                 missing=mapped.missing,
             )
+            value = encode_record(record)
+            if len(value) > max_value_bytes(self.settings):
+                raise RecordTooLarge(len(value), max_value_bytes(self.settings))
             # Stored before publishing, so that a failed send leaves the resources for the next record.
+            # NOTE: an unchanged record is still published: its event_id is the same, so prognosis scores it once,
+            # and a send that failed after the store above is repaired by sending the same input again.
             if changed:
                 await self.redis.hset(key, mapping={name: _encode_stored(merged[name]) for name in changed})
-            await self.producer.send_and_wait(
-                self.records_topic, value=encode_record(record), key=patient_id.encode("utf-8")
-            )
+            await self.producer.send_and_wait(self.records_topic, value=value, key=patient_id.encode("utf-8"))
 
         logger.info(
             "record published patient=%s source=%s resources=%d changed=%d stale=%d missing=%s",
@@ -250,7 +282,9 @@ class RecordIntake:
             len(stale),
             ",".join(sorted(mapped.missing)),
         )
-        return AcceptedRecord(patient_id=patient_id, record=record, missing=mapped.missing, stale=stale)
+        return AcceptedRecord(
+            patient_id=patient_id, record=record, missing=mapped.missing, stale=stale, unchanged=not changed
+        )
 
     async def _load(self, key: str) -> dict[str, _StoredResource]:
         values = await self.redis.hgetall(key)
@@ -301,7 +335,10 @@ def _relocate(items: list[IncomingResource], location: str) -> list[IncomingReso
 def _merge(
     stored: dict[str, _StoredResource], incoming: list[IncomingResource]
 ) -> tuple[dict[str, _StoredResource], list[str], list[str]]:
-    """Apply incoming resources over the stored ones; return the result, the keys changed and the stale keys."""
+    """Apply incoming resources over the stored ones; return the result, the keys changed and the stale keys.
+
+    A resource equal to the stored one, with the same timestamp, is neither changed nor stale.
+    """
     merged = dict(stored)
     changed: list[str] = []
     stale: list[str] = []
@@ -310,9 +347,16 @@ def _merge(
         if current is not None and current.updated and item.updated and item.updated < current.updated:
             stale.append(item.key)
             continue
+        if current is not None and _same_version(current, item):
+            continue
         merged[item.key] = _StoredResource(item.resource, item.updated)
         changed.append(item.key)
     return merged, changed, stale
+
+
+def _same_version(current: _StoredResource, item: IncomingResource) -> bool:
+    # Compared as FHIR JSON text, because Decimal("5.0") == Decimal("5.000") would hide a change of precision.
+    return current.updated == item.updated and dump_fhir_json(current.resource) == dump_fhir_json(item.resource)
 
 
 def _record_bundle(patient_id: str, resources: Mapping[str, _StoredResource]) -> dict[str, Any]:

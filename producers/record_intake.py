@@ -16,7 +16,7 @@ import logging
 import faust
 
 from crc_medai import metrics
-from crc_medai.kafka import create_producer, dead_letter_headers
+from crc_medai.kafka import create_producer, dead_letter_headers, fit_dead_letter, max_value_bytes
 from crc_medai.settings import Settings
 from processors.app import create_app, raw_topic
 from producers.intake import RecordIntake, RecordOrigin, RecordRejected
@@ -83,7 +83,8 @@ async def _ingest_one(intake: RecordIntake, event: faust.EventT, dead_letter: fa
         headers = dead_letter_headers(
             service=SERVICE, error=exc, topic=message.topic, partition=message.partition, offset=message.offset
         )
-        await dead_letter.send(key=event.key, value=event.value, headers=headers)
+        value, headers = fit_dead_letter(event.value, headers, max_value_bytes(intake.settings))
+        await dead_letter.send(key=event.key, value=value, headers=headers)
 
 
 def _is_ndjson(headers: object) -> bool:

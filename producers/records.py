@@ -4,7 +4,9 @@ Each file goes through :class:`producers.intake.RecordIntake`, which
 validates it, merges it with the patient's earlier resources and publishes the
 record on ``patient-records`` keyed by the Patient's id. A file that fails goes
 to the producer's dead-letter topic with the error naming the file and the
-element; the other files are still published.
+element; the other files are still published. A file that fails for another
+reason (a broker error, a record over the Kafka limit) is reported in the
+summary and dead-lettered when the broker takes it, and the run goes on.
 
 :func:`load_bundle` is the older check of one Bundle file on its own, without
 Redis or Kafka; the conformance tests compare its verdicts with the validator's.
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
@@ -26,6 +29,7 @@ from crc_medai.errors import CrcMedAiError
 from crc_medai.kafka import DATA_TOPICS, create_producer, ensure_topics
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
+from producers.fhir_input import without_input_value
 from producers.intake import RecordIntake, RecordRejected
 
 logger = logging.getLogger(__name__)
@@ -87,7 +91,7 @@ def load_bundle(path: Path) -> tuple[str, dict[str, Any]]:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RecordFileError(
-            f"{path.name}: invalid FHIR R4 Bundle at {element_path(first['loc'])}: {first['msg']} "
+            f"{path.name}: invalid FHIR R4 Bundle at {element_path(first['loc'])}: {_message_without_input(first)} "
             f"({len(exc.errors())} error(s) in all); fix the element and send the file again"
         ) from exc
 
@@ -123,7 +127,45 @@ async def publish_records(settings: Settings, paths: Iterable[Path]) -> RecordSu
     return summary
 
 
+def _message_without_input(error: Any) -> str:
+    """Return a pydantic error message without the element's value, which may be PHI."""
+    message = without_input_value(str(error["msg"]))
+    value = error.get("input")
+    if isinstance(value, str | int | float) and str(value) and str(value) in message:
+        message = message.replace(str(value), "<value>")
+    return message
+
+
 async def _publish_file(intake: RecordIntake, path: Path, summary: RecordSummary) -> None:
+    """Publish one file; a failure other than a rejection is logged, summarised and dead-lettered if possible."""
+    try:
+        await _publish_file_unguarded(intake, path, summary)
+    except MessageSizeTooLargeError as exc:
+        error = RecordFileError(
+            f"{path.name}: not published, because the broker rejected the record as too large ({exc}) although it "
+            f"is within CRC_KAFKA_MAX_MESSAGE_BYTES={intake.settings.kafka_max_message_bytes}; set the broker's "
+            "message.max.bytes to that value (restart the local stack) or lower the setting"
+        )
+        await _report_failed_file(intake, path, summary, error)
+    except Exception as exc:  # noqa: BLE001 - a broker error or a bug in one file must not stop the other files
+        error = RecordFileError(f"{path.name}: not published ({type(exc).__name__}: {exc}); send the file again")
+        await _report_failed_file(intake, path, summary, error)
+
+
+async def _report_failed_file(intake: RecordIntake, path: Path, summary: RecordSummary, error: RecordFileError) -> None:
+    logger.error("record file failed file=%s error=%s", path.name, error, exc_info=True)
+    summary.rejected[path.name] = str(error)
+    await _dead_letter_failed_file(intake, path, error)
+
+
+async def _dead_letter_failed_file(intake: RecordIntake, path: Path, error: RecordFileError) -> None:
+    try:
+        await intake.dead_letter(path.read_bytes(), error, source_name=path.name)
+    except (KafkaError, OSError) as exc:
+        logger.error("dead-letter record not written file=%s error=%s", path.name, exc)
+
+
+async def _publish_file_unguarded(intake: RecordIntake, path: Path, summary: RecordSummary) -> None:
     try:
         raw = path.read_bytes()
     except OSError as exc:

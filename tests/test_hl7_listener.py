@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -409,7 +410,8 @@ async def ingest_big_reports(settings: Settings, messages: list[bytes]) -> list[
 
 
 def test_record_over_broker_limit(stack: Settings, tmp_path: Path) -> None:
-    settings = isolated_settings(stack, tmp_path / "out")
+    # A 1 MiB record limit, so three reports of about 380 kB of JSON each pass it.
+    settings = isolated_settings(stack, tmp_path / "out").model_copy(update={"kafka_max_message_bytes": 1024 * 1024})
     messages = [big_report(order, 450_000) for order in range(3)]
 
     outcomes = asyncio.run(ingest_big_reports(settings, messages))
@@ -417,7 +419,57 @@ def test_record_over_broker_limit(stack: Settings, tmp_path: Path) -> None:
         collect_records(settings, [f"dlq.{LISTENER_SERVICE}"], until=lambda received: len(received) >= 1, timeout_s=60)
     )
 
-    # Each report adds about 380 kB of JSON to the merged record; the third passes the broker's 1 MiB.
-    assert outcomes == [("AA", None), ("AA", None), ("AE", "207")]
+    # Each report adds about 380 kB of JSON to the merged record; the third passes the limit.
+    assert outcomes == [("AA", None), ("AA", None), ("AE", "102")]
     assert [record.value for record in dead] == [messages[2]]
-    assert "larger than the broker accepts" in dead[0].headers["crc-error"]
+    assert "more than the Kafka limit" in dead[0].headers["crc-error"]
+
+
+async def send_unframed(settings: Settings) -> str:
+    """Send a frame with trailing whitespace, then stray bytes and an unfinished frame; return the one ACK."""
+    await ensure_topics(settings, (*DATA_TOPICS, f"dlq.{LISTENER_SERVICE}"))
+    producer = create_producer(settings)
+    await producer.start()
+    intake = RecordIntake(settings, producer, service=LISTENER_SERVICE)
+    listener = Hl7Listener(Hl7Ingest(intake), "127.0.0.1", 0, max_message_bytes=settings.hl7_max_message_bytes)
+    port = await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(frame(adt("UNFRAMED-1")) + b"\r\n")
+        await writer.drain()
+        (ack,) = MllpDecoder().feed(await asyncio.wait_for(reader.read(65536), timeout=60))
+        writer.write(b"stray bytes")
+        await writer.drain()
+        writer.write(b"\x0bMSH|^~\\&|unfinished")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        return ack.decode()
+    finally:
+        await listener.close()
+        await intake.close()
+        await producer.stop()
+
+
+def test_unframed_bytes_are_dead_lettered(stack: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = isolated_settings(stack, tmp_path / "out")
+
+    with caplog.at_level(logging.WARNING, logger="producers.hl7.listener"):
+        ack = asyncio.run(send_unframed(settings))
+    dead = asyncio.run(
+        collect_records(settings, [f"dlq.{LISTENER_SERVICE}"], until=lambda received: len(received) >= 2, timeout_s=60)
+    )
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and record.name == "producers.hl7.listener"
+    ]
+
+    assert segment(ack, "MSA")[1:3] == ["AA", "UNFRAMED-1"]
+    assert [record.value for record in dead] == [b"stray bytes", b"\x0bMSH|^~\\&|unfinished"]
+    assert all(record.headers["crc-error-type"] == "MllpFramingError" for record in dead)
+    assert "11 bytes arrived outside an MLLP frame" in dead[0].headers["crc-error"]
+    assert "closed inside an MLLP frame after 20 bytes" in dead[1].headers["crc-error"]
+    assert any("bytes outside a frame discarded" in message and "bytes=11" in message for message in warnings)
+    assert any("closed inside a frame" in message and "bytes=20" in message for message in warnings)
+    assert len(warnings) == 2, "the line break after the first frame must not be reported"

@@ -329,4 +329,5 @@ def test_single_resource_error_path() -> None:
         check_input(patient)
 
     assert caught.value.element == "Patient.birthDate"
-    assert "'14.06.1957'" in caught.value.reason
+    assert "FHIR dates are YYYY" in caught.value.reason
+    assert "14.06.1957" not in caught.value.reason

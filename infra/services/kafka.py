@@ -126,15 +126,23 @@ class KafkaService(LocalService):
     def prepare_run(self) -> None:
         """Write the broker config and format the KRaft storage on first start."""
         super().prepare_run()
-        host, port = self.host_port
-        template = Template((TEMPLATE_DIR / "server-template.properties").read_text())
-        self.config_path.write_text(
-            template.substitute(host=host, port=port, controller_port=self.controller_port, log_dirs=self.data_dir)
-        )
+        self.config_path.write_text(self.render_config())
         shutil.copy2(TEMPLATE_DIR / "log4j.properties", self.run_dir / "log4j.properties")
 
         if not (self.data_dir / "meta.properties").exists():
             self._format_storage()
+
+    def render_config(self) -> str:
+        """Return the broker's server.properties for these settings."""
+        host, port = self.host_port
+        template = Template((TEMPLATE_DIR / "server-template.properties").read_text())
+        return template.substitute(
+            host=host,
+            port=port,
+            controller_port=self.controller_port,
+            log_dirs=self.data_dir,
+            max_message_bytes=self.settings.kafka_max_message_bytes,
+        )
 
     @property
     def config_path(self) -> Path:
