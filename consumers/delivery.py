@@ -384,7 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     from crc_medai.kafka import ensure_topics
     from crc_medai.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="crc-medai fhir-delivery", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="crc-medai fhir-delivery",
+        description=(
+            "Run the delivery worker (a Faust worker) until stopped: it sends fhir-resources to the FHIR server "
+            "at CRC_FHIR_SERVER_URL as transaction Bundles of conditional updates. The other settings come from "
+            "CRC_* environment variables (see crc_medai/settings.py)."
+        ),
+    )
     parser.parse_args(argv)
     settings = get_settings()
     _require_server_url(settings)

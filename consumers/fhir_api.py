@@ -1,7 +1,7 @@
 """FHIR R4 read API over the Redis view (FastAPI), ``crc-medai fhir-api``.
 
 Read (``GET /[type]/[id]``) and search (``GET /[type]?...``) for Observation,
-RiskAssessment, DiagnosticReport and Device, and the CapabilityStatement at
+RiskAssessment, DiagnosticReport, Media (the Grad-CAM heatmaps) and Device, and the CapabilityStatement at
 ``GET /metadata``. Errors are OperationOutcome resources: 400 for a bad
 request, 401 for a missing or unknown token, 403 for a token without the
 scope, 404 for an unknown id, 503 when Redis is unreachable.
@@ -399,7 +399,7 @@ def create_app(settings: Settings, client: redis.Redis | None = None) -> FastAPI
     app = FastAPI(
         title="CRC-MedAI FHIR read API",
         version=FHIR_VERSION,
-        description="Read and search FHIR R4 results (Observation, RiskAssessment, DiagnosticReport, Device).",
+        description=("Read and search FHIR R4 results (Observation, RiskAssessment, DiagnosticReport, Media, Device)."),
     )
     _add_error_handlers(app)
 
@@ -520,7 +520,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from crc_medai.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="crc-medai fhir-api", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="crc-medai fhir-api",
+        description=(
+            "Serve the FHIR R4 read API (read, search, /metadata) over the FHIR view in Redis. Bearer tokens and "
+            "their SMART scopes come from CRC_FHIR_API_TOKENS; the other settings from CRC_* environment "
+            "variables (see crc_medai/settings.py), for example CRC_REDIS_URL."
+        ),
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT})"

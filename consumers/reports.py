@@ -50,6 +50,7 @@ class ReportedFinding:
     media_id: str | None = None
     media_title: str | None = None
     patient_id: str | None = None
+    stale_frames_skipped: int | None = None
 
     @classmethod
     def from_finding(cls, finding: PolypFinding) -> ReportedFinding:
@@ -65,6 +66,7 @@ class ReportedFinding:
             media_id=media["id"] if media else None,
             media_title=media["content"]["title"] if media else None,
             patient_id=finding.patient_id,
+            stale_frames_skipped=finding.stale_frames_skipped,
         )
 
     def to_json(self) -> str:
@@ -85,6 +87,8 @@ def diagnostic_report(procedure_id: str, findings: Sequence[ReportedFinding]) ->
     reviewed the AI output.
 
     ``subject`` names the patient when the frames of the procedure named one.
+    The conclusion says how many frames the detector skipped as stale when a
+    finding event counted any, and says nothing about coverage otherwise.
     """
     if not findings:
         raise ValueError(f"procedure {procedure_id} has no findings; a DiagnosticReport needs at least one")
@@ -108,7 +112,7 @@ def diagnostic_report(procedure_id: str, findings: Sequence[ReportedFinding]) ->
         "result": [{"reference": f"Observation/{item.observation_id}"} for item in ordered],
         "conclusion": (
             f"{len(ordered)} polyp finding(s) flagged by the AI polyp detector, {still_open} still in view. "
-            "Not reviewed by a clinician."
+            f"{_stale_sentence(ordered)}Not reviewed by a clinician."
         ),
     }
     patients = {item.patient_id for item in ordered if item.patient_id}
@@ -123,6 +127,18 @@ def diagnostic_report(procedure_id: str, findings: Sequence[ReportedFinding]) ->
         resource["media"] = media
     resource["text"] = narrative([resource["code"]["text"], resource["conclusion"]])
     return validate(resource)
+
+
+def _stale_sentence(findings: Sequence[ReportedFinding]) -> str:
+    """Return a sentence on frames skipped as stale, or an empty string when no finding event counted any."""
+    # The counts are cumulative per procedure, so the largest is the latest known.
+    skipped = max((item.stale_frames_skipped or 0 for item in findings), default=0)
+    if skipped == 0:
+        return ""
+    return (
+        f"At least {skipped} frame(s) of the procedure arrived later than the detector's latency budget and "
+        "were skipped without being examined, so polyps in them may be missing from this report. "
+    )
 
 
 def _instant(text: str) -> datetime:

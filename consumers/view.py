@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "fhir-view"
 
 #: Resource types the view serves; other types on the topic are skipped.
-RESOURCE_TYPES: tuple[str, ...] = ("Observation", "RiskAssessment", "DiagnosticReport", "Device")
+RESOURCE_TYPES: tuple[str, ...] = ("Observation", "RiskAssessment", "DiagnosticReport", "Media", "Device")
 
 #: Logical Redis key under which the whole view lives.
 VIEW_KEY = "fhir-view:"
@@ -138,6 +138,14 @@ SEARCH_PARAMETERS: dict[str, dict[str, SearchParameter]] = {
         _ENCOUNTER,
         _CODE,
         SearchParameter("date", "date", ("effectiveDateTime", "effectivePeriod"), "Clinically relevant time"),
+    ),
+    "Media": _params(
+        _IDENTIFIER,
+        _PATIENT,
+        _SUBJECT,
+        _ENCOUNTER,
+        SearchParameter("type", "token", ("type",), "The type of media, [system]|[code]"),
+        SearchParameter("created", "date", ("createdDateTime", "createdPeriod"), "When the media was collected"),
     ),
     # R4 gives Device no code, date or encounter parameters; type, names and patient are its equivalents.
     "Device": _params(
@@ -718,7 +726,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``crc-medai fhir-view``: run the worker, or rebuild the view with ``--rebuild``."""
     from crc_medai.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="crc-medai fhir-view", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="crc-medai fhir-view",
+        description=(
+            "Run the FHIR view worker, a Faust worker that keeps the latest version of each resource on "
+            "fhir-resources in Redis, or rebuild that view with --rebuild. Settings come from CRC_* environment "
+            "variables (see crc_medai/settings.py), for example CRC_KAFKA_BOOTSTRAP_SERVERS, CRC_REDIS_URL and "
+            "CRC_REDIS_KEY_PREFIX."
+        ),
+    )
     parser.add_argument(
         "--rebuild",
         action="store_true",

@@ -18,6 +18,23 @@ logger = logging.getLogger("crc_medai")
 
 SERVICES = ("detection", "prognosis", "fhir-consumer", "record-intake")
 
+#: One-line description of each Faust worker in SERVICES, shown by ``crc-medai <service> --help``.
+SERVICE_DESCRIPTIONS = {
+    "detection": "Detect polyps in the frames topic with the U-Net detector, store Grad-CAM heatmaps in MinIO and "
+    "publish detections and findings.",
+    "prognosis": "Predict the recurrence risk of each patient record with the survival model and publish it, "
+    "explained with SHAP, on prognoses.",
+    "fhir-consumer": "Turn findings and prognoses into validated FHIR R4 resources and publish them on fhir-resources.",
+    "record-intake": "Take raw FHIR R4 JSON from the ehr-inbound topic, merge it per patient and publish "
+    "patient records.",
+}
+
+#: The pointer to the settings that every worker's help ends with.
+SETTINGS_HELP = (
+    "The worker runs until stopped (Ctrl-C or SIGTERM). Its settings come from CRC_* environment variables "
+    "(see crc_medai/settings.py), for example CRC_KAFKA_BOOTSTRAP_SERVERS, CRC_TOPIC_PREFIX and CRC_LOG_LEVEL."
+)
+
 #: Prognosis tools: subcommand -> (module in processors.prognosis, help text).
 PROGNOSIS_TOOLS = {
     "train-prognosis": ("train_survival", "train the recurrence survival model"),
@@ -61,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. --only kafka, --json")
 
     for service in SERVICES:
-        commands.add_parser(service, help=f"run the {service} service (a Faust worker) until stopped")
+        commands.add_parser(
+            service,
+            help=f"run the {service} service (a Faust worker) until stopped",
+            description=f"{SERVICE_DESCRIPTIONS[service]} {SETTINGS_HELP}",
+        )
 
     frames = commands.add_parser("produce-frames", help="publish a video's frames on the frames topic")
     frames.add_argument("video", help="video file, camera device index (e.g. 0) or stream URL (e.g. rtsp://...)")
@@ -98,8 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     hl7_listener.add_argument("--port", type=int, default=None, help="TCP port (default CRC_HL7_LISTENER_PORT, 2575)")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the sample video and records")
-    demo.add_argument("--video", type=Path, default=REPO_ROOT / "samples" / "video" / "procedure-demo.mp4")
-    demo.add_argument("--records", type=Path, default=REPO_ROOT / "samples" / "records")
+    demo.add_argument(
+        "--video",
+        type=Path,
+        default=REPO_ROOT / "samples" / "video" / "procedure-demo.mp4",
+        help="video file of the procedure to stream as frames (default samples/video/procedure-demo.mp4)",
+    )
+    demo.add_argument(
+        "--records",
+        type=Path,
+        default=REPO_ROOT / "samples" / "records",
+        help="folder or file of FHIR R4 patient Bundles to publish (default samples/records)",
+    )
     demo.add_argument("--fast", action="store_true", help="publish frames as fast as possible")
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results (default 300)")
 

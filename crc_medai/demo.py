@@ -247,11 +247,15 @@ def build_summary(
     seconds: float,
     picture: Path | None = None,
 ) -> dict[str, Any]:
-    """Build the run summary from parsed results and check every heatmap object in MinIO."""
+    """Build the run summary from parsed results and check every heatmap object in MinIO.
+
+    The heatmaps counted are those that detection results or finding events
+    refer to, each object once.
+    """
     minio = create_minio(settings)
     findings = results.latest_findings()
-    heatmaps = [result for result in results.detections if result.heatmap_key]
-    missing_heatmaps = [result.heatmap_key for result in heatmaps if not _object_exists(minio, result)]
+    heatmaps = referenced_heatmaps(results)
+    missing_heatmaps = [key for bucket, key in heatmaps if not _object_exists(minio, bucket, key)]
     latencies = sorted(
         (result.source_ts - result.captured_at).total_seconds() * 1000.0 for result in results.detections
     )
@@ -263,9 +267,11 @@ def build_summary(
             "expected": expected_detections,
             "processed": len(results.detections),
             "flagged": sum(result.flagged for result in results.detections),
+            "flagged_in_findings": flagged_in_findings(results.detections, findings),
+            "skipped_stale": sum(result.skipped_reason == "stale" for result in results.detections),
             "latency_ms_p50": _percentile(latencies, 50),
             "latency_ms_p95": _percentile(latencies, 95),
-            "model": results.detections[0].model.model_dump() if results.detections else None,
+            "model": _model_name(results.detections[0]) if results.detections else None,
         },
         "findings": [
             {
@@ -288,6 +294,7 @@ def build_summary(
                     "recurrence_probability": round(result.recurrence_probability, 3),
                     "horizon_years": result.horizon_years,
                     "risk_group": result.risk_group,
+                    "explanation_scale": result.explanation_scale,
                     "top_contributions": [
                         f"{item.label} = {item.display_value}: {item.contribution:+.3f}"
                         for item in result.contributions[:3]
@@ -314,9 +321,29 @@ def build_summary(
     }
 
 
-def _object_exists(minio, result: DetectionResult) -> bool:  # noqa: ANN001
+def referenced_heatmaps(results: Results) -> list[tuple[str, str]]:
+    """Return the distinct (bucket, key) of the heatmaps that detection results and finding events refer to."""
+    referenced = [(item.heatmap_bucket, item.heatmap_key) for item in [*results.detections, *results.findings]]
+    return sorted({(bucket, key) for bucket, key in referenced if bucket and key})
+
+
+def flagged_in_findings(detections: list[DetectionResult], findings: list[PolypFinding]) -> int:
+    """Count the flagged frames that lie within a finding's frame range of the same procedure."""
+    spans = [(finding.procedure_id, finding.first_sequence, finding.last_sequence) for finding in findings]
+    return sum(
+        any(result.procedure_id == procedure and first <= result.sequence <= last for procedure, first, last in spans)
+        for result in detections
+        if result.flagged
+    )
+
+
+def _model_name(result: DetectionResult) -> str:
+    return f"{result.model.name} version {result.model.version}"
+
+
+def _object_exists(minio, bucket: str, key: str) -> bool:  # noqa: ANN001
     try:
-        minio.stat_object(result.heatmap_bucket, result.heatmap_key)
+        minio.stat_object(bucket, key)
     except S3Error:
         return False
     return True
@@ -336,8 +363,11 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         "",
         "=== CRC-MedAI demo summary (built from the result topics, MinIO and the FHIR consumer) ===",
         f"status: {'complete' if summary['complete'] else 'INCOMPLETE'} in {summary['seconds']} s",
-        f"frames processed: {frames['processed']}/{frames['expected']}, flagged: {frames['flagged']}, "
+        f"frames processed: {frames['processed']}/{frames['expected']}, "
         f"capture-to-result latency p50 {frames['latency_ms_p50']} ms, p95 {frames['latency_ms_p95']} ms",
+        f"flagged: {frames['flagged']} frames ({frames['flagged_in_findings']} of them in findings; "
+        "the rest too short-lived to confirm as a polyp)",
+        f"frames skipped as stale (older than the latency budget, not examined): {frames['skipped_stale']}",
         f"detection model: {frames['model']}",
         f"polyp findings (one per polyp): {len(summary['findings'])}",
     ]
@@ -350,7 +380,10 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         )
 
     heatmaps = summary["heatmaps"]
-    lines.append(f"heatmaps in MinIO: {heatmaps['stored']} stored, {len(heatmaps['missing'])} missing")
+    lines.append(
+        f"heatmaps in MinIO (referenced by detection results or findings): {heatmaps['stored']} stored, "
+        f"{len(heatmaps['missing'])} missing"
+    )
 
     prognoses = summary["prognoses"]
     lines.append(f"recurrence risk: {prognoses['received']}/{prognoses['expected']} patients")
@@ -358,6 +391,7 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         lines.append(
             f"  {patient['patient']}: {patient['recurrence_probability']:.1%} within "
             f"{patient['horizon_years']:g} years ({patient['risk_group']} risk); "
+            f"top SHAP contributions on the {patient['explanation_scale']} scale, positive raises the risk: "
             + "; ".join(patient["top_contributions"])
         )
         if patient["missing"]:

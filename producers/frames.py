@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ from crc_medai.errors import CrcMedAiError
 from crc_medai.kafka import DATA_TOPICS, create_producer, dead_letter_headers, ensure_topics
 from crc_medai.settings import Settings
 from schemas.messages import Frame, utc_now
+
+# OpenCV and FFmpeg print warnings such as "moov atom not found" for a damaged file, which this module
+# reports with its own errors. So OpenCV logs only errors and FFmpeg nothing (-8 is AV_LOG_QUIET).
+# OpenCV reads OPENCV_FFMPEG_LOGLEVEL when it first opens a capture, and a value set before start wins.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 logger = logging.getLogger(__name__)
 

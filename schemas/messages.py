@@ -178,6 +178,14 @@ class PolypFinding(Message):
     heatmap_bucket: str | None = None
     explanation_method: str | None = None
     model: ModelRef
+    stale_frames_skipped: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Frames of the procedure that the detection worker skipped as stale (older than its latency budget, "
+            "so never examined) up to this event; null when the producer did not count them."
+        ),
+    )
 
 
 class FeatureContribution(BaseModel):

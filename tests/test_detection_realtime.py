@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from consumers.reports import ReportedFinding, diagnostic_report
 from crc_medai import metrics
 from crc_medai.errors import ProcessingError
 from crc_medai.kafka import Record, collect_records, create_producer, ensure_topics
+from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from crc_medai.storage import create_minio
 from processors.detection.benchmark import PipelineRecords, percentile, pipeline_figures
@@ -149,6 +152,68 @@ def test_stale_frame_gets_skipped_result(pipeline_settings: Settings) -> None:
     assert processed.skipped_reason is None
     assert processed.flagged is True
     assert stale_count() == before + 1
+
+
+@pytest.mark.integration
+def test_stale_frames_warned_and_counted(pipeline_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    settings = pipeline_settings.model_copy(update={"detection_latency_budget_ms": 200.0})
+    pipeline = DetectionPipeline(settings)
+    backlog = utc_now() - timedelta(seconds=5)
+    stale = [jpeg_frame(index, backlog + timedelta(milliseconds=33 * index)).to_bytes() for index in range(3)]
+    now = utc_now()
+    fresh = [jpeg_frame(index, now + timedelta(milliseconds=33 * index)).to_bytes() for index in range(3, 8)]
+
+    with caplog.at_level(logging.WARNING, logger="processors.detection.realtime"):
+        output = pipeline.process_batch(stale + fresh)
+    pipeline.close()
+
+    warnings = [record for record in caplog.records if "skipped as stale" in record.getMessage()]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "count=3" in message
+    assert f"procedure={pseudonym('proc-rt')}" in message
+    assert "proc-rt" not in message
+    oldest_ms = float(message.split("oldest_age_ms=")[1].split()[0])
+    assert oldest_ms >= 5000
+    assert pipeline.stale_skipped == {"proc-rt": 3}
+    assert output.findings
+    assert all(finding.stale_frames_skipped == 3 for finding in output.findings)
+
+
+@pytest.mark.integration
+def test_fresh_batch_logs_no_stale_warning(pipeline_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    pipeline = DetectionPipeline(pipeline_settings)
+
+    with caplog.at_level(logging.WARNING, logger="processors.detection.realtime"):
+        output = pipeline.process_batch([jpeg_frame(index, utc_now()).to_bytes() for index in range(4)])
+    pipeline.close()
+
+    assert not [record for record in caplog.records if "skipped as stale" in record.getMessage()]
+    assert all(finding.stale_frames_skipped == 0 for finding in output.findings)
+
+
+def reported(stale_frames_skipped: int | None) -> ReportedFinding:
+    return ReportedFinding(
+        finding_id=str(uuid.uuid4()),
+        observation_id="finding-1",
+        status="closed",
+        first_seen=START.isoformat(),
+        last_seen=START.isoformat(),
+        issued=START.isoformat(),
+        stale_frames_skipped=stale_frames_skipped,
+    )
+
+
+@pytest.mark.parametrize(("counts", "expected"), [([None], None), ([0, None], None), ([2, 7], 7)])
+def test_report_conclusion_names_stale_frames(counts: list[int | None], expected: int | None) -> None:
+    report = diagnostic_report("proc-rt", [reported(count) for count in counts])
+
+    if expected is None:
+        assert "stale" not in report["conclusion"]
+    else:
+        assert f"At least {expected} frame(s)" in report["conclusion"]
+        assert "skipped without being examined" in report["conclusion"]
+    assert report["conclusion"].endswith("Not reviewed by a clinician.")
 
 
 @pytest.mark.integration

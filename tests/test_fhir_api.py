@@ -44,6 +44,7 @@ TOKENS = {
     "all-token": "system/*.read",
     "observation-token": "system/Observation.read",
     "v2-device-token": "user/Device.rs",
+    "media-token": "system/Media.read",
     "v2-read-only-token": "system/Observation.r",
     "patient-token": "patient/*.read",
     "write-token": "system/*.write",
@@ -127,6 +128,23 @@ def diagnostic_report() -> dict[str, Any]:
     )
 
 
+def media() -> dict[str, Any]:
+    return validated(
+        {
+            "resourceType": "Media",
+            "id": "heatmap-1",
+            "identifier": identifier("heatmap", "f-1"),
+            "status": "completed",
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}]},
+            "subject": {"reference": "Patient/pt-1"},
+            "encounter": {"reference": "Encounter/enc-1"},
+            "createdPeriod": {"start": "2026-03-02T09:41:07+00:00", "end": "2026-03-02T09:41:09+00:00"},
+            "device": {"reference": "Device/model-1"},
+            "content": {"contentType": "image/png", "url": "s3://crc-heatmaps/heatmaps/proc-1/000004.png"},
+        }
+    )
+
+
 def device() -> dict[str, Any]:
     return validated(
         {
@@ -143,7 +161,7 @@ def device() -> dict[str, Any]:
 
 def all_resources() -> list[dict[str, Any]]:
     findings = [finding(number, patient="pt-1" if number < 5 else "pt-3") for number in range(1, 8)]
-    return [*findings, risk_observation(), risk_assessment(), diagnostic_report(), device()]
+    return [*findings, risk_observation(), risk_assessment(), diagnostic_report(), media(), device()]
 
 
 def event(resource: dict[str, Any]) -> FhirResourceEvent:
@@ -324,6 +342,7 @@ def ids(bundle: dict[str, Any]) -> list[str]:
         ("/Observation/risk-1", risk_observation()),
         ("/RiskAssessment/assessment-1", risk_assessment()),
         ("/DiagnosticReport/report-1", diagnostic_report()),
+        ("/Media/heatmap-1", media()),
         ("/Device/model-1", device()),
     ],
 )
@@ -371,6 +390,13 @@ def test_read_unknown_id_is_404(client: TestClient) -> None:
         ("/DiagnosticReport", {"patient": "pt-1", "code": f"{LOINC}|18746-8"}, ["report-1"]),
         ("/DiagnosticReport", {"encounter": "enc-1", "date": "2026-03-02"}, ["report-1"]),
         ("/DiagnosticReport", {"date": "2026-03-03"}, []),
+        ("/Media", {"patient": "pt-1"}, ["heatmap-1"]),
+        ("/Media", {"subject": "Patient/pt-1", "encounter": "enc-1"}, ["heatmap-1"]),
+        ("/Media", {"identifier": "urn:crc-medai:heatmap|f-1"}, ["heatmap-1"]),
+        ("/Media", {"_id": "heatmap-1,finding-1"}, ["heatmap-1"]),
+        ("/Media", {"type": "image", "created": "2026-03-02"}, ["heatmap-1"]),
+        ("/Media", {"created": "gt2026-03-03"}, []),
+        ("/Media", {"patient": "pt-2"}, []),
         ("/Device", {"type": "706689003"}, ["model-1"]),
         ("/Device", {"device-name": "POLYP"}, ["model-1"]),
         ("/Device", {"identifier": "urn:crc-medai:device|polyp-unet-0.1.0"}, ["model-1"]),
@@ -445,6 +471,8 @@ def test_invalid_id_is_400(client: TestClient) -> None:
         (None, "/Observation/risk-1", 401, 'Bearer realm="crc-medai"'),
         ("unknown-token", "/Observation/risk-1", 401, 'error="invalid_token"'),
         ("observation-token", "/Device/model-1", 403, 'scope="system/Device.read"'),
+        ("observation-token", "/Media/heatmap-1", 403, 'scope="system/Media.read"'),
+        ("media-token", "/Observation/risk-1", 403, 'scope="system/Observation.read"'),
         ("v2-read-only-token", "/Observation?patient=pt-2", 403, 'error="insufficient_scope"'),
         ("patient-token", "/Observation/risk-1", 403, 'error="insufficient_scope"'),
         ("write-token", "/RiskAssessment/assessment-1", 403, 'error="insufficient_scope"'),
@@ -478,6 +506,8 @@ def test_basic_scheme_is_401(client: TestClient) -> None:
         ("v2-read-only-token", "/Observation/risk-1"),
         ("v2-device-token", "/Device?type=706689003"),
         ("v2-device-token", "/Device/model-1"),
+        ("media-token", "/Media/heatmap-1"),
+        ("media-token", "/Media?patient=pt-1"),
     ],
 )
 def test_authorized_requests(client: TestClient, token: str, path: str) -> None:
@@ -493,9 +523,11 @@ def test_metadata_is_capability_statement(client: TestClient) -> None:
     assert response.status_code == 200
     get_fhir_model_class("CapabilityStatement").model_validate(statement)
     assert statement["fhirVersion"] == "4.0.1"
-    assert sorted(resources) == ["Device", "DiagnosticReport", "Observation", "RiskAssessment"]
+    assert sorted(resources) == ["Device", "DiagnosticReport", "Media", "Observation", "RiskAssessment"]
     observation_params = {param["name"] for param in resources["Observation"]["searchParam"]}
     assert {"patient", "code", "date", "encounter", "_id"} <= observation_params
+    media_params = {param["name"] for param in resources["Media"]["searchParam"]}
+    assert {"patient", "subject", "identifier", "created", "_id"} <= media_params
 
 
 @pytest.mark.integration
@@ -690,17 +722,20 @@ def test_consumer_resources_readable(stack: Settings, tmp_path: Any) -> None:
     )
     resources = consumer_resources()
     asyncio.run(write_view(settings, resources))
-    served = [resource for resource in resources if resource["resourceType"] != "Media"]
+    heatmap = next(resource for resource in resources if resource["resourceType"] == "Media")
+    report = next(resource for resource in resources if resource["resourceType"] == "DiagnosticReport")
 
     try:
         with TestClient(create_app(settings)) as api:
-            reads = [get(api, f"/{item['resourceType']}/{item['id']}") for item in served]
+            reads = [get(api, f"/{item['resourceType']}/{item['id']}") for item in resources]
             risks = get(api, "/RiskAssessment", patient="pt-api-1").json()
-            media = get(api, "/Media")
+            heatmaps = get(api, "/Media", identifier=heatmap["identifier"][0]["value"]).json()
+            referenced = [get(api, "/" + item["link"]["reference"]) for item in report["media"]]
     finally:
         asyncio.run(write_view(settings, []))
 
-    assert [response.status_code for response in reads] == [200] * len(served)
-    assert [response.json() for response in reads] == served
+    assert [response.status_code for response in reads] == [200] * len(resources)
+    assert [response.json() for response in reads] == resources
     assert risks["total"] == 1
-    assert media.status_code == 404
+    assert ids(heatmaps) == [heatmap["id"]]
+    assert [response.json() for response in referenced] == [heatmap]

@@ -118,6 +118,7 @@ def detection_results(procedure_id: str, regions: list[Region | None]) -> list[D
             DetectionResult(
                 frame_event_id=frame_event_id,
                 procedure_id=procedure_id,
+                patient_id="pt-0001",
                 sequence=sequence,
                 captured_at=captured_at,
                 source_ts=captured_at + timedelta(milliseconds=41),

@@ -4,7 +4,8 @@ Consumes ``frames`` (key: procedure id) in micro-batches, runs the polyp
 detector on each batch in one forward pass, computes Grad-CAM overlays for
 flagged frames within a per-procedure rate, stores them in MinIO and publishes
 one :class:`DetectionResult` per frame on ``detections`` with the same key.
-Stale frames get a result with ``skipped_reason`` instead of a prediction.
+Stale frames get a result with ``skipped_reason`` instead of a prediction, a
+WARNING per batch, and a count per procedure on every finding event.
 Flagged frames of one polyp are aggregated into a :class:`PolypFinding` on
 ``findings``, published when the polyp appears and again when it is gone.
 See :mod:`processors.detection.realtime` for the per-batch steps.
@@ -88,14 +89,22 @@ def build_app(settings: Settings) -> faust.App:
         for finding in events:
             await findings.send(key=finding.procedure_id.encode(), value=finding.to_bytes())
             logger.info(
-                "finding %s procedure=%s frames=%d-%d peak=%.3f heatmap=%s",
+                "finding %s procedure=%s frames=%d-%d peak=%.3f heatmap=%s stale_frames_skipped=%s",
                 finding.status,
                 pseudonym(finding.procedure_id),
                 finding.first_sequence,
                 finding.last_sequence,
                 finding.peak_probability,
                 finding.heatmap_key is not None,
+                finding.stale_frames_skipped,
             )
+            if finding.status == "closed" and finding.stale_frames_skipped:
+                logger.warning(
+                    "finding closed while the procedure has frames never examined procedure=%s "
+                    "stale_frames_skipped=%d; the procedure's coverage is incomplete",
+                    pseudonym(finding.procedure_id),
+                    finding.stale_frames_skipped,
+                )
 
     async def publish_results(results: list[DetectionResult]) -> None:
         for result in results:

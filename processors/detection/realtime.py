@@ -8,7 +8,10 @@ into detection results and finding events:
 2. A frame whose capture timestamp is older than the latency budget is not
    run through the model. It gets a result with ``skipped_reason="stale"``
    and counts in ``crc_frames_skipped{reason="stale"}``, so the detector
-   catches up instead of letting its lag grow.
+   catches up instead of letting its lag grow. Each batch with stale frames
+   logs a WARNING per procedure, and every finding event carries the number of
+   the procedure's frames skipped so far (``stale_frames_skipped``), so the
+   gap in coverage reaches the DiagnosticReport.
 3. The other frames go through the model in one forward pass.
 4. A flagged frame gets a Grad-CAM heatmap only while its procedure is within
    ``heatmaps_per_s`` (counted on capture time). The representative (peak)
@@ -33,6 +36,7 @@ import torch
 
 from crc_medai import metrics
 from crc_medai.errors import ProcessingError
+from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from crc_medai.storage import create_minio, ensure_bucket, put_png
 from processors.detection.explain import GradCamExplainer
@@ -179,6 +183,10 @@ class DetectionPipeline:
         )
         self.limiter = HeatmapRateLimiter(settings.detection_heatmaps_per_s)
         self._kept: dict[tuple[str, int], _KeptFrame] = {}
+        # NOTE: counted in this worker's memory, so frames skipped by a previous
+        # run of the worker, or by another worker before a rebalance, are not included.
+        self.stale_skipped: dict[str, int] = {}
+        """Frames skipped as stale so far, per procedure id."""
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -207,7 +215,7 @@ class DetectionPipeline:
     def close_idle(self) -> list[PolypFinding]:
         """Close the findings that no flagged frame joined for a while; see ``FindingTracker.close_idle``."""
         with self._lock:
-            events = [self._explain_finding(event, {}) for event in self.tracker.close_idle()]
+            events = [self._stamp_stale(self._explain_finding(event, {})) for event in self.tracker.close_idle()]
             self._forget_frames()
             return events
 
@@ -224,13 +232,34 @@ class DetectionPipeline:
             return
         now = utc_now()
         budget_s = self.settings.detection_latency_budget_ms / 1000.0
+        oldest_age_s: dict[str, float] = {}
+        skipped: dict[str, int] = {}
         for index, outcome in enumerate(outcomes):
             if not isinstance(outcome, tuple):
                 continue
             frame = outcome[0]
-            if (now - frame.captured_at).total_seconds() > budget_s:
+            age_s = (now - frame.captured_at).total_seconds()
+            if age_s > budget_s:
                 outcomes[index] = self._skipped_result(frame, "stale")
                 metrics.record_frame_skipped("stale")
+                skipped[frame.procedure_id] = skipped.get(frame.procedure_id, 0) + 1
+                oldest_age_s[frame.procedure_id] = max(age_s, oldest_age_s.get(frame.procedure_id, 0.0))
+        for procedure_id, count in skipped.items():
+            self._warn_stale(procedure_id, count, oldest_age_s[procedure_id])
+
+    def _warn_stale(self, procedure_id: str, count: int, oldest_age_s: float) -> None:
+        """Count a batch's stale frames of one procedure and log them, because those frames were never examined."""
+        total = self.stale_skipped.get(procedure_id, 0) + count
+        self.stale_skipped[procedure_id] = total
+        logger.warning(
+            "frames skipped as stale, not examined by the detector count=%d procedure=%s oldest_age_ms=%.0f "
+            "latency_budget_ms=%s procedure_total=%d",
+            count,
+            pseudonym(procedure_id),
+            oldest_age_s * 1000.0,
+            self.settings.detection_latency_budget_ms,
+            total,
+        )
 
     def _predict(self, outcomes: list) -> None:
         """Run the model once on every frame still pending and replace each by its (frame, image, prediction)."""
@@ -264,7 +293,8 @@ class DetectionPipeline:
                     continue
             results.append(outcome)
             if isinstance(outcome, DetectionResult):
-                findings += [self._explain_finding(event, explained) for event in self.tracker.update(outcome)]
+                events = self.tracker.update(outcome)
+                findings += [self._stamp_stale(self._explain_finding(event, explained)) for event in events]
 
         # A frame explained for a finding carries its heatmap in its own result too.
         for index, result in enumerate(results):
@@ -354,6 +384,10 @@ class DetectionPipeline:
         explained[identity] = heatmap
         self.tracker.attach_heatmap(finding.procedure_id, finding.representative_sequence, **heatmap)
         return finding.model_copy(update=heatmap)
+
+    def _stamp_stale(self, finding: PolypFinding) -> PolypFinding:
+        """Set the number of the procedure's frames skipped as stale so far on a finding event."""
+        return finding.model_copy(update={"stale_frames_skipped": self.stale_skipped.get(finding.procedure_id, 0)})
 
     def _forget_frames(self) -> None:
         """Drop kept frames that are no longer the peak of any track."""

@@ -377,7 +377,9 @@ def format_result(result: WhatIfResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Simulate the recurrence risk of a patient with changed values.")
+    parser = argparse.ArgumentParser(
+        prog="crc-medai what-if", description="Simulate the recurrence risk of a patient with changed values."
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--patient", help="a FHIR Bundle .json file, or the id of a record in --records-dir")
     source.add_argument("--features", type=Path, help="a JSON file of feature values by name")

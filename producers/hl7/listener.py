@@ -4,7 +4,11 @@ Each connection reads the stream in chunks, decodes MLLP frames, and handles
 its messages one at a time in arrival order, so the ACKs come back in the
 order the messages were sent. A frame larger than ``CRC_HL7_MAX_MESSAGE_BYTES``
 is acknowledged with AR and the connection is closed, because the rest of the stream
-can no longer be framed reliably.
+can no longer be framed reliably. Bytes outside a frame, and a frame left
+unfinished when the peer disconnects, get no ACK because they carry no whole
+message. Each gets a WARNING and a dead-letter record on ``dlq.hl7-listener``
+with the bytes received, cut to the broker's record limit (discarded bytes to
+their first 64 KiB). Line breaks and spaces between frames are only counted.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Hl7Listener:
                     await self._answer_oversized(writer, error, peer)
                     return
                 self._busy.add(task)
+                await self._reject_outside_frame(*decoder.take_discarded(), peer)
                 for raw in messages:
                     ack = await self._handle(raw, peer)
                     writer.write(frame(ack.encode("utf-8")))
@@ -94,7 +99,7 @@ class Hl7Listener:
             logger.warning("mllp connection lost peer=%s error=%r", peer, error)
         finally:
             if decoder.pending_bytes:
-                logger.warning("mllp connection closed inside a frame peer=%s bytes=%d", peer, decoder.pending_bytes)
+                await self._reject_unfinished(decoder.unfinished_frame(), peer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -113,6 +118,36 @@ class Hl7Listener:
             )
             return build_ack("AR", None, now=utc_now().astimezone(), error=failure)
         return outcome.ack
+
+    async def _reject_outside_frame(self, count: int, kept: bytes, peer: str) -> None:
+        """Dead-letter bytes received outside an MLLP frame, unless they are only whitespace between frames."""
+        if not count:
+            return
+        if not kept.strip(b" \t\r\n"):
+            logger.debug("whitespace between mllp frames ignored peer=%s bytes=%d", peer, count)
+            return
+        logger.warning("mllp bytes outside a frame discarded peer=%s bytes=%d", peer, count)
+        error = MllpFramingError(
+            f"{count} bytes arrived outside an MLLP frame and were discarded; the sender must wrap every "
+            "message in a start block 0x0B and an end block 0x1C 0x0D"
+        )
+        await self._dead_letter(kept, error, peer)
+
+    async def _reject_unfinished(self, received: bytes, peer: str) -> None:
+        """Dead-letter a frame that the peer left without its end block when it disconnected."""
+        logger.warning("mllp connection closed inside a frame peer=%s bytes=%d", peer, len(received))
+        error = MllpFramingError(
+            f"the connection closed inside an MLLP frame after {len(received)} bytes without the end block "
+            "0x1C 0x0D; the message was not processed or acknowledged, so send it again in a complete frame"
+        )
+        await self._dead_letter(received, error, peer)
+
+    async def _dead_letter(self, raw: bytes, error: MllpFramingError, peer: str) -> None:
+        try:
+            await self.ingest.intake.dead_letter(raw, error, source_name=f"mllp {peer}")
+        except Exception:
+            # The bytes were never acknowledged, so the sender still has them; the loss is logged here.
+            logger.exception("dead-letter record of mllp bytes failed peer=%s bytes=%d", peer, len(raw))
 
     async def _answer_oversized(self, writer: asyncio.StreamWriter, error: MllpFramingError, peer: str) -> None:
         logger.error("mllp frame too large, closing connection peer=%s error=%s", peer, error)

@@ -19,6 +19,9 @@ END_BLOCK = b"\x1c\r"
 #: Largest message accepted by default (bytes), as ``CRC_HL7_MAX_MESSAGE_BYTES``; a longer frame is rejected.
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024
 
+#: Discarded bytes kept between two calls of :meth:`MllpDecoder.take_discarded`, so they can be dead-lettered.
+MAX_KEPT_DISCARDED_BYTES = 64 * 1024
+
 
 def frame(message: bytes) -> bytes:
     """Wrap one message in MLLP start and end blocks."""
@@ -29,12 +32,16 @@ class MllpDecoder:
     """Incremental MLLP decoder for one connection.
 
     Bytes outside a frame (before a start block) are discarded and counted in
-    ``discarded_bytes``, as MLLP release 2 prescribes.
+    ``discarded_bytes``, as MLLP release 2 prescribes. The first
+    :data:`MAX_KEPT_DISCARDED_BYTES` of them are kept until
+    :meth:`take_discarded`, so the caller can dead-letter them.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
         self.discarded_bytes = 0
+        self._discarded = bytearray()
+        self._discarded_since_take = 0
         self._buffer = bytearray()
         # Where the search for the end block resumes, so a large message is not rescanned on every read.
         self._scan_from = 0
@@ -43,6 +50,17 @@ class MllpDecoder:
     def pending_bytes(self) -> int:
         """Bytes of an unfinished frame held in the buffer."""
         return len(self._buffer)
+
+    def unfinished_frame(self) -> bytes:
+        """Return the bytes of the unfinished frame, start block included (empty when none)."""
+        return bytes(self._buffer)
+
+    def take_discarded(self) -> tuple[int, bytes]:
+        """Return how many bytes were discarded since the last call and the first of them, then forget them."""
+        taken = (self._discarded_since_take, bytes(self._discarded))
+        self._discarded.clear()
+        self._discarded_since_take = 0
+        return taken
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes read from the stream and return the messages they complete, in order.
@@ -73,7 +91,10 @@ class MllpDecoder:
     def _discard(self, count: int) -> None:
         if count:
             self.discarded_bytes += count
-            logger.warning("discarded bytes outside an MLLP frame count=%d", count)
+            self._discarded_since_take += count
+            room = MAX_KEPT_DISCARDED_BYTES - len(self._discarded)
+            self._discarded += self._buffer[: max(0, min(count, room))]
+            logger.debug("discarded bytes outside an MLLP frame count=%d", count)
             del self._buffer[:count]
             self._scan_from = 0
 
