@@ -369,7 +369,7 @@ def render_summary(summary: dict[str, Any], settings: Settings, run_dir: Path, s
         "the rest too short-lived to confirm as a polyp)",
         f"frames skipped as stale (older than the latency budget, not examined): {frames['skipped_stale']}",
         f"detection model: {frames['model']}",
-        f"polyp findings (one per polyp): {len(summary['findings'])}",
+        f"polyp findings: {len(summary['findings'])} (one per polyp tracked across frames; false flags count too)",
     ]
 
     for finding in summary["findings"]:
