@@ -71,7 +71,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_ready(processes: dict[str, tuple[subprocess.Popen[bytes], str]], timeout_s: float) -> list[str]:
-    """Poll each service's /readyz until it answers 200; return the names that never did.
+    """Poll each service's /readyz until it returns 200; return the names that never did.
 
     ``processes`` maps a service name to its process and the base URL of its metrics
     server. A service that exits while waiting counts as not ready.
