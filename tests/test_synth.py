@@ -49,6 +49,19 @@ def test_frame_random_polyp_choice_mixes() -> None:
     assert not all(present)
 
 
+def test_some_polyps_cross_the_view_edge() -> None:
+    # Polyps enter a video's view across its edge, so training frames must show that too.
+    rng = np.random.default_rng(9)
+    at_edge = 0
+    for _ in range(40):
+        frame = synth.render_frame(rng, size=128, with_polyp=True)
+        outside = (frame.image.max(axis=2) < 8) & ~frame.overlay_mask
+        near_outside = cv2.dilate(outside.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        at_edge += bool((near_outside & (frame.mask > 0)).any())
+
+    assert 0.1 <= at_edge / 40 <= 0.6
+
+
 def test_frame_border_outside_view_is_black() -> None:
     frame = synth.render_frame(np.random.default_rng(8), size=128, with_polyp=False)
 

@@ -6,10 +6,19 @@ polyp frames / polyp frames) and specificity (unflagged polyp-free frames /
 polyp-free frames), where a frame is flagged when the presence probability
 is at least the threshold.
 
+Videos (``--videos N``): the model and the finding tracker, set up as the
+detection worker runs them, go over N held-out generated procedure videos.
+A polyp counts as detected when a finding overlaps a frame that shows it.
+Time to first detection is the capture time from the first frame that shows
+a polyp to the frame on which its finding opened. It leaves out the pipeline
+latency, which ``crc-medai benchmark-detection`` measures through Kafka.
+
 Examples::
 
     python -m processors.detection.evaluate \
         --weights processors/detection/weights/polyp_unet.pt --frames 400 --seed 1000
+    python -m processors.detection.evaluate \
+        --weights processors/detection/weights/polyp_unet.pt --frames 0 --videos 6 --video-seed 11
     python -m processors.detection.evaluate \
         --weights processors/detection/weights/polyp_unet.pt --data-dir ~/data/Kvasir-SEG
 """
@@ -19,19 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from crc_medai.settings import Settings, get_settings
 from processors.detection.datasets import iter_labelled_frames
 from processors.detection.errors import ParameterError
-from processors.detection.explain import GRADCAM_STAGES_FROM_END, GradCamExplainer
+from processors.detection.explain import GRADCAM_STAGES_FROM_END, GRADCAM_TARGETS, GradCamExplainer, GradCamTarget
 from processors.detection.model import PolypDetector
-from processors.detection.synth import generate_frame
+from processors.detection.synth import generate_frame, generate_procedure, summarise_ground_truth
+from processors.detection.tracking import FindingTracker, box_region
+from schemas.messages import DetectionResult, ModelRef, PolypFinding
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +143,7 @@ def pointing_game(
     detector: PolypDetector,
     labelled_frames: Iterable[tuple[str, np.ndarray, np.ndarray]],
     tolerance_px: int = 0,
+    target: GradCamTarget = "mask",
     stages_from_end: int = GRADCAM_STAGES_FROM_END,
 ) -> PointingGameReport:
     """Score Grad-CAM with the pointing game on the frames whose mask shows a polyp.
@@ -141,7 +157,7 @@ def pointing_game(
     if tolerance_px < 0:
         raise ParameterError(f"tolerance_px={tolerance_px} is negative; use 0 or more pixels")
     report = PointingGameReport(tolerance_px=tolerance_px)
-    with GradCamExplainer(detector, stages_from_end) as explainer:
+    with GradCamExplainer(detector, target, stages_from_end) as explainer:
         report.method = explainer.method
         for _, image, truth in labelled_frames:
             if not truth.any():
@@ -154,6 +170,131 @@ def pointing_game(
                 target = cv2.dilate(truth.astype(np.uint8), kernel) > 0
             report.frames += 1
             report.hits += bool(target[row, column])
+    return report
+
+
+@dataclass
+class VideoReport:
+    """Per-polyp detection over generated procedure videos, through the finding tracker."""
+
+    videos: int = 0
+    fps: float = 30.0
+    polyps: int = 0
+    polyps_detected: int = 0
+    findings: int = 0
+    findings_on_polyps: int = 0
+    """Findings that overlap a polyp; more than ``polyps_detected`` when one polyp was split into several."""
+    findings_without_polyp: int = 0
+    first_flag_delays: list[int] = field(default_factory=list)
+    """Per detected polyp: frames from its first visible frame to the first frame the model flagged."""
+    ttfd_ms: list[float] = field(default_factory=list)
+    """Per detected polyp: capture time from its first visible frame to the frame that opened its finding."""
+
+    @property
+    def detection_rate(self) -> float | None:
+        return self.polyps_detected / self.polyps if self.polyps else None
+
+    def summary(self) -> dict:
+        return {
+            "videos": self.videos,
+            "fps": self.fps,
+            "polyps": self.polyps,
+            "polyps_detected": self.polyps_detected,
+            "detection_rate": self.detection_rate,
+            "findings": self.findings,
+            "findings_on_polyps": self.findings_on_polyps,
+            "findings_without_polyp": self.findings_without_polyp,
+            "first_flag_delay_median_frames": statistics.median(self.first_flag_delays)
+            if self.first_flag_delays
+            else None,
+            "ttfd_median_ms": statistics.median(self.ttfd_ms) if self.ttfd_ms else None,
+            "ttfd_p90_ms": float(np.percentile(self.ttfd_ms, 90)) if self.ttfd_ms else None,
+        }
+
+
+def track_frames(
+    detector: PolypDetector, frames: list[np.ndarray], fps: float, tracker: FindingTracker, threshold: float
+) -> tuple[list[bool], list[tuple[PolypFinding, int]]]:
+    """Run the model and the tracker over decoded frames, captured at ``fps``.
+
+    Returns:
+        Whether each frame was flagged, and each finding event with the
+        sequence of the frame that emitted it. Tracks still open at the end
+        are closed and listed with the sequence after the last frame.
+    """
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    model = ModelRef(name=detector.name, version=detector.version)
+    flags: list[bool] = []
+    events: list[tuple[PolypFinding, int]] = []
+    for index in range(0, len(frames), BATCH_SIZE):
+        for offset, prediction in enumerate(detector.predict(frames[index : index + BATCH_SIZE])):
+            sequence = index + offset
+            flagged = prediction.probability >= threshold
+            result = DetectionResult(
+                frame_event_id=uuid.uuid4(),
+                procedure_id="offline",
+                sequence=sequence,
+                captured_at=start + timedelta(seconds=sequence / fps),
+                polyp_probability=prediction.probability,
+                flagged=flagged,
+                region=box_region(prediction.region) if flagged else None,
+                model=model,
+                inference_ms=0.0,
+            )
+            flags.append(flagged)
+            events += [(event, sequence) for event in tracker.update(result)]
+    events += [(event, len(frames)) for event in tracker.close_idle(now=float("inf"))]
+    return flags, events
+
+
+def evaluate_videos(
+    detector: PolypDetector,
+    seeds: Iterable[int],
+    settings: Settings,
+    *,
+    fps: float = 30.0,
+    seconds: float = 20.0,
+    size: int = 256,
+) -> VideoReport:
+    """Score per-polyp detection and time to first detection on generated procedure videos."""
+    report = VideoReport(fps=fps)
+    for seed in seeds:
+        video = list(generate_procedure(seed, seconds=seconds, fps=fps, size=size))
+        truth = summarise_ground_truth([frame.polyp_ids for frame in video], seed, fps, size)
+        flags, events = track_frames(
+            detector,
+            [frame.image for frame in video],
+            fps,
+            FindingTracker.from_settings(settings),
+            settings.detection_threshold,
+        )
+        opened = {event.finding_id: sequence for event, sequence in events if event.status == "open"}
+        spans = {
+            event.finding_id: (event.first_sequence, event.last_sequence)
+            for event, _ in events
+            if event.status == "closed"
+        }
+        matched: set[uuid.UUID] = set()
+        report.videos += 1
+        report.findings += len(opened)
+        for polyp in truth["polyps"]:
+            visible = [index for first, last in polyp["frame_ranges"] for index in range(first, last + 1)]
+            report.polyps += 1
+            hits = [
+                finding_id
+                for finding_id, (first, last) in spans.items()
+                if finding_id in opened and any(first <= index <= last for index in visible)
+            ]
+            if not hits:
+                continue
+            matched.update(hits)
+            report.polyps_detected += 1
+            report.ttfd_ms.append(1000.0 * (min(opened[hit] for hit in hits) - visible[0]) / fps)
+            first_flag = next((index for index in visible if flags[index]), None)
+            if first_flag is not None:
+                report.first_flag_delays.append(first_flag - visible[0])
+        report.findings_on_polyps += len(matched)
+        report.findings_without_polyp += len(set(opened) - matched)
     return report
 
 
@@ -174,7 +315,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate the polyp detector.")
     parser.add_argument("--weights", type=Path, required=True, help="weights file to evaluate")
     parser.add_argument(
-        "--frames", type=int, default=400, help="number of generated frames, half with a polyp (default 400)"
+        "--frames",
+        type=int,
+        default=400,
+        help="number of generated frames, half with a polyp; 0 for none (default 400)",
     )
     parser.add_argument(
         "--seed",
@@ -202,12 +346,30 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tolerance", type=int, default=0, help="pointing-game tolerance around the mask in pixels (default 0)"
     )
     parser.add_argument(
+        "--gradcam-target",
+        choices=GRADCAM_TARGETS,
+        default="mask",
+        help="Grad-CAM score for the pointing game: the mask logits over the segmented polyp, "
+        "or the presence logit (default mask)",
+    )
+    parser.add_argument(
         "--stages-from-end",
         type=int,
         default=GRADCAM_STAGES_FROM_END,
-        help=f"Grad-CAM layer for the pointing game, in encoder stages before the deepest "
+        help=f"Grad-CAM layer of the presence target, in encoder stages before the deepest "
         f"(default {GRADCAM_STAGES_FROM_END})",
     )
+    parser.add_argument(
+        "--videos",
+        type=int,
+        default=0,
+        help="also score per-polyp detection and time to first detection on this many generated videos (default 0)",
+    )
+    parser.add_argument(
+        "--video-seed", type=int, default=11, help="seed of the first video; the others follow it (default 11)"
+    )
+    parser.add_argument("--video-fps", type=float, default=30.0, help="frame rate of the videos (default 30)")
+    parser.add_argument("--video-seconds", type=float, default=20.0, help="length of each video (default 20)")
     return parser.parse_args(argv)
 
 
@@ -217,12 +379,34 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     detector = PolypDetector.load(args.weights)
 
+    summary: dict = {"model": detector.name, "version": detector.version}
+    if args.data_dir is not None or args.frames != 0:
+        summary.update(_evaluate_frames(detector, args))
+    if args.videos > 0:
+        settings = get_settings().model_copy(update={"detection_threshold": args.threshold})
+        seeds = range(args.video_seed, args.video_seed + args.videos)
+        videos = evaluate_videos(detector, seeds, settings, fps=args.video_fps, seconds=args.video_seconds)
+        summary["videos"] = {
+            **videos.summary(),
+            "seeds": [seeds.start, seeds.stop - 1],
+            "tracker": {
+                "min_frames_to_open": settings.detection_track_min_frames,
+                "confirm_window_s": settings.detection_track_confirm_window_s,
+                "max_gap_s": settings.detection_track_max_gap_s,
+            },
+        }
+    print(json.dumps(summary, indent=1))
+
+
+def _evaluate_frames(detector: PolypDetector, args: argparse.Namespace) -> dict:
     if args.data_dir is not None:
         frames = ((frame.name, frame.image, frame.mask) for frame in iter_labelled_frames(args.data_dir))
         source = str(args.data_dir)
     else:
         if args.frames < 2:
-            raise ParameterError(f"--frames={args.frames} is too small; use at least 2 so that both classes occur")
+            raise ParameterError(
+                f"--frames={args.frames} is too small; use at least 2 so that both classes occur, or 0 for none"
+            )
         training_seed = detector.metadata.get("training", {}).get("seed")
         if training_seed == args.seed:
             logger.warning("evaluation seed equals the training seed seed=%d; the frames are not held out", args.seed)
@@ -235,11 +419,17 @@ def main(argv: list[str] | None = None) -> None:
         for row in report.per_frame:
             print(json.dumps(row))
     summary = {key: value for key, value in asdict(report).items() if key != "per_frame"}
-    summary.update(source=source, model=detector.name, version=detector.version)
+    summary["source"] = source
     if args.pointing_game:
-        game = pointing_game(detector, frames, tolerance_px=args.tolerance, stages_from_end=args.stages_from_end)
+        game = pointing_game(
+            detector,
+            frames,
+            tolerance_px=args.tolerance,
+            target=args.gradcam_target,
+            stages_from_end=args.stages_from_end,
+        )
         summary["pointing_game"] = {**asdict(game), "hit_rate": game.hit_rate}
-    print(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

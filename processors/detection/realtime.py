@@ -41,8 +41,8 @@ from crc_medai.settings import Settings
 from crc_medai.storage import create_minio, ensure_bucket, put_png
 from processors.detection.explain import GradCamExplainer
 from processors.detection.model import PolypDetector, Prediction
-from processors.detection.tracking import FindingTracker
-from schemas.messages import DetectionResult, Frame, ModelRef, PolypFinding, Region, utc_now
+from processors.detection.tracking import FindingTracker, box_region
+from schemas.messages import DetectionResult, Frame, ModelRef, PolypFinding, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,7 @@ class DetectionPipeline:
         self.minio = create_minio(settings)
         ensure_bucket(self.minio, settings.heatmap_bucket)
         self.model_ref = ModelRef(name=self.detector.name, version=self.detector.version)
-        self.tracker = FindingTracker(
-            max_gap_s=settings.detection_track_max_gap_s,
-            min_frames_to_open=settings.detection_track_min_frames,
-            confirm_window_s=settings.detection_track_confirm_window_s,
-        )
+        self.tracker = FindingTracker.from_settings(settings)
         self.limiter = HeatmapRateLimiter(settings.detection_heatmaps_per_s)
         self._kept: dict[tuple[str, int], _KeptFrame] = {}
         # NOTE: counted in this worker's memory, so frames skipped by a previous
@@ -307,10 +303,7 @@ class DetectionPipeline:
         self, frame: Frame, image: np.ndarray, prediction: Prediction, inference_ms: float
     ) -> DetectionResult:
         flagged = prediction.probability >= self.settings.detection_threshold
-        region = None
-        if flagged and prediction.region is not None:
-            x, y, width, height = prediction.region
-            region = Region(x=x, y=y, width=max(width, 1), height=max(height, 1))
+        region = box_region(prediction.region) if flagged else None
 
         heatmap: dict[str, str] = {}
         if flagged and self.limiter.allows(frame.procedure_id, frame.captured_at):

@@ -45,6 +45,9 @@ MIN_VISIBLE_FRACTION = 0.002
 SECOND_POLYP_PROBABILITY = 0.15
 #: Attempts to place a visible polyp before the generator gives up.
 MAX_ATTEMPTS = 20
+#: Share of generated polyps placed across the edge of the field of view. A polyp
+#: that comes into view in a video crosses that edge. The rest lie in its central part.
+EDGE_POLYP_SHARE = 0.35
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,11 @@ def _place_polyp_in_view(
     size: int,
     polyp_id: int,
 ) -> None:
-    """Draw a polyp at a random place inside the central part of the camera view."""
-    distance = rng.uniform(0.0, 0.28) * size
+    """Draw a polyp in the central part of the camera view, or across its edge (``EDGE_POLYP_SHARE``)."""
+    if rng.random() < EDGE_POLYP_SHARE:
+        distance = rng.uniform(0.28, 0.6) * size
+    else:
+        distance = rng.uniform(0.0, 0.28) * size
     angle = rng.uniform(0.0, 2.0 * math.pi)
     view_point = np.array([size / 2.0 + distance * math.cos(angle), size / 2.0 + distance * math.sin(angle), 1.0])
     world_x, world_y = transform @ view_point

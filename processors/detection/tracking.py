@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from crc_medai.settings import Settings
 from schemas.messages import DetectionResult, PolypFinding, Region
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,14 @@ FINDING_NAMESPACE = uuid.UUID("2d0f7f3e-1c55-4a7e-9a57-8e4f2b6c9d31")
 
 def _centre(region: Region) -> tuple[float, float]:
     return region.x + region.width / 2.0, region.y + region.height / 2.0
+
+
+def box_region(box: tuple[int, int, int, int] | None) -> Region | None:
+    """Return the model's (x, y, width, height) box as a message region, at least one pixel wide and high."""
+    if box is None:
+        return None
+    x, y, width, height = box
+    return Region(x=x, y=y, width=max(width, 1), height=max(height, 1))
 
 
 def region_iou(first: Region, second: Region) -> float:
@@ -138,6 +147,15 @@ class FindingTracker:
         self.min_iou = min_iou
         self.candidates_dropped = 0
         self._tracks: dict[str, list[_Track]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FindingTracker:
+        """Build the tracker that the detection worker runs with these settings."""
+        return cls(
+            max_gap_s=settings.detection_track_max_gap_s,
+            min_frames_to_open=settings.detection_track_min_frames,
+            confirm_window_s=settings.detection_track_confirm_window_s,
+        )
 
     def update(self, result: DetectionResult) -> list[PolypFinding]:
         """Add one detection result; return the findings it opens or closes."""
