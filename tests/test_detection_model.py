@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from crc_medai.settings import get_settings
-from processors.detection.datasets import iter_labelled_frames
+from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
 from processors.detection.errors import (
     DatasetLayoutError,
     DetectionError,
@@ -19,6 +20,7 @@ from processors.detection.errors import (
     WeightsFileError,
 )
 from processors.detection.evaluate import dice_and_iou, evaluate, evaluate_videos, generated_frames, pointing_game
+from processors.detection.evaluate import main as evaluate_main
 from processors.detection.explain import (
     GRADCAM_DECODER_BLOCK,
     GRADCAM_STAGES_FROM_END,
@@ -429,3 +431,106 @@ def test_dataset_unknown_layout(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetLayoutError, match="no supported layout"):
         list(iter_labelled_frames(tmp_path))
+
+
+def _write_cvc_folder(root: Path, count: int) -> None:
+    (root / "Original").mkdir(parents=True)
+    (root / "Ground Truth").mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(1, count + 1):
+        image, mask = generate_frame(rng, size=64, with_polyp=True)
+        cv2.imwrite(str(root / "Original" / f"{index}.png"), image)
+        cv2.imwrite(str(root / "Ground Truth" / f"{index}.png"), mask)
+
+
+def test_split_keeps_sequences_together() -> None:
+    sequences = [f"seq{index // 5}" for index in range(40)]
+
+    training, held_out = split_by_sequence(sequences, held_out_share=0.25, seed=3)
+
+    assert sorted(training + held_out) == list(range(40))
+    assert {sequences[index] for index in training}.isdisjoint({sequences[index] for index in held_out})
+    assert len({sequences[index] for index in held_out}) == 2
+    assert split_by_sequence(sequences, 0.25, seed=3) == (training, held_out)
+
+
+@pytest.mark.parametrize(
+    ("sequences", "share", "message"), [(["a", "b"], 1.0, "share 1.0 is invalid"), (["a", "a"], 0.5, "1 sequence")]
+)
+def test_split_rejected(sequences: list[str], share: float, message: str) -> None:
+    with pytest.raises(DatasetLayoutError, match=message):
+        split_by_sequence(sequences, share)
+
+
+def test_kvasir_images_are_own_sequences(tmp_path: Path) -> None:
+    _write_kvasir_folder(tmp_path, ["a", "b"])
+
+    assert frame_sequences(tmp_path, ["a.png", "b.png"]) == ["a", "b"]
+
+
+def test_cvc_needs_sequence_map(tmp_path: Path) -> None:
+    _write_cvc_folder(tmp_path, 2)
+
+    with pytest.raises(DatasetLayoutError, match="pass a sequence map"):
+        frame_sequences(tmp_path, ["1.png", "2.png"])
+
+
+def test_sequence_map_read_and_applied(tmp_path: Path) -> None:
+    _write_cvc_folder(tmp_path, 3)
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text("name,sequence\n1.png,s1\n2,s1\n", encoding="utf-8")
+
+    mapping = read_sequence_map(csv_path)
+
+    assert frame_sequences(tmp_path, ["1.png", "2.png"], mapping) == ["s1", "s1"]
+    with pytest.raises(DatasetLayoutError, match="frame 3.png is missing from the sequence map"):
+        frame_sequences(tmp_path, ["3.png"], mapping)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("frame,sequence\n1.png,s1\n", "lacks the column"),
+        ("name,sequence\n1.png,\n", "line 2 has an empty name or sequence"),
+        ("name,sequence\n1.png,s1\n1.png,s2\n", "names frame 1.png twice"),
+    ],
+)
+def test_sequence_map_rejected(tmp_path: Path, text: str, message: str) -> None:
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(DatasetLayoutError, match=message):
+        read_sequence_map(csv_path)
+
+
+def test_sequence_map_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="could not be read"):
+        read_sequence_map(tmp_path / "absent.csv")
+
+
+def test_evaluate_command_held_out_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_cvc_folder(tmp_path / "cvc", 8)
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text("name,sequence\n" + "".join(f"{i}.png,s{(i - 1) // 2}\n" for i in range(1, 9)), "utf-8")
+
+    evaluate_main(
+        [
+            "--weights",
+            str(SHIPPED_WEIGHTS),
+            "--data-dir",
+            str(tmp_path / "cvc"),
+            "--sequence-map",
+            str(csv_path),
+            "--held-out-share",
+            "0.25",
+        ]
+    )
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["frames"] == 2
+    assert "held-out side: 2 frames of 1 of 4 sequences" in summary["source"]
+
+
+def test_evaluate_command_share_needs_data_dir() -> None:
+    with pytest.raises(ParameterError, match="--held-out-share applies to --data-dir only"):
+        evaluate_main(["--weights", str(SHIPPED_WEIGHTS), "--held-out-share", "0.2"])

@@ -6,17 +6,28 @@ Supported layouts, detected from the folder names:
 - CVC-ClinicDB: ``Original/`` and ``Ground Truth/`` with files of the same stem.
 
 Masks are read as grayscale; pixels above 127 are polyp.
+
+Frames of one video sequence look alike, so a held-out split must keep each
+sequence on one side (``split_by_sequence``). CVC-ClinicDB frames come from
+video sequences that its file names do not tell, so the user passes a CSV file
+that maps each frame to its sequence.
+
+NOTE: Kvasir-SEG publishes no sequence or patient ids, so without a map each
+of its images counts as its own sequence. Images of one examination can then
+land on both sides of a split.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from sklearn.model_selection import GroupShuffleSplit
 
 from processors.detection.errors import DatasetLayoutError
 
@@ -95,3 +106,82 @@ def _read(path: Path, flags: int) -> np.ndarray:
             f"file {path} could not be decoded as an image; check that it is a readable PNG, JPEG, TIFF or BMP"
         )
     return image
+
+
+def read_sequence_map(path: Path) -> dict[str, str]:
+    """Read a CSV file with a header and the columns ``name`` (frame file name) and ``sequence``.
+
+    Raises:
+        DatasetLayoutError: The file cannot be read, lacks a column, or names a frame twice.
+    """
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"name", "sequence"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetLayoutError(
+                    f"sequence map {path} lacks the column(s) {', '.join(sorted(missing))}; "
+                    "write a header line 'name,sequence'"
+                )
+            mapping: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                name, sequence = (row["name"] or "").strip(), (row["sequence"] or "").strip()
+                if not name or not sequence:
+                    raise DatasetLayoutError(f"sequence map {path} line {line} has an empty name or sequence")
+                if name in mapping:
+                    raise DatasetLayoutError(f"sequence map {path} names frame {name} twice (line {line})")
+                mapping[name] = sequence
+    except OSError as exc:
+        raise DatasetLayoutError(f"sequence map {path} could not be read: {exc.strerror}") from exc
+    return mapping
+
+
+def frame_sequences(root: Path, names: Sequence[str], sequence_map: dict[str, str] | None = None) -> list[str]:
+    """Return the sequence of each frame of the data set at ``root``, in the order of ``names``.
+
+    With a map, every frame must be in it, by file name or by stem. Without
+    one, each Kvasir-SEG image counts as its own sequence.
+
+    Raises:
+        DatasetLayoutError: A frame is missing from the map, or the layout
+            needs a map and none was given.
+    """
+    if sequence_map is not None:
+        sequences = []
+        for name in names:
+            sequence = sequence_map.get(name, sequence_map.get(Path(name).stem))
+            if sequence is None:
+                raise DatasetLayoutError(
+                    f"frame {name} is missing from the sequence map; add a line '{name},<sequence>'"
+                )
+            sequences.append(sequence)
+        return sequences
+    layout = detect_layout(Path(root))
+    if layout == "kvasir-seg":
+        return [Path(name).stem for name in names]
+    raise DatasetLayoutError(
+        f"the frames of {root} ({layout}) come from video sequences that their file names do not tell; "
+        "pass a sequence map (CSV with the columns name,sequence) so that no sequence ends up on both sides"
+    )
+
+
+def split_by_sequence(sequences: Sequence[str], held_out_share: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split frame indices into a training and a held-out side, keeping each sequence on one side.
+
+    The held-out side receives about ``held_out_share`` of the sequences
+    (scikit-learn's ``GroupShuffleSplit``), so its share of frames varies
+    with the sequence lengths.
+
+    Raises:
+        DatasetLayoutError: The share is not between 0 and 1, or there are
+            fewer than 2 sequences to split.
+    """
+    if not 0.0 < held_out_share < 1.0:
+        raise DatasetLayoutError(f"held-out share {held_out_share} is invalid; use a fraction between 0 and 1")
+    if len(set(sequences)) < 2:
+        raise DatasetLayoutError(
+            f"the data set has {len(set(sequences))} sequence(s); a split needs at least 2, one for each side"
+        )
+    splitter = GroupShuffleSplit(n_splits=1, test_size=held_out_share, random_state=seed)
+    training, held_out = next(splitter.split(np.zeros(len(sequences)), groups=list(sequences)))
+    return sorted(int(index) for index in training), sorted(int(index) for index in held_out)

@@ -21,6 +21,9 @@ Examples::
         --weights processors/detection/weights/polyp_unet.pt --frames 0 --videos 6 --video-seed 11
     python -m processors.detection.evaluate \
         --weights processors/detection/weights/polyp_unet.pt --data-dir ~/data/Kvasir-SEG
+    python -m processors.detection.evaluate \
+        --weights processors/detection/weights/polyp_unet.pt --data-dir ~/data/CVC-ClinicDB \
+        --sequence-map ~/data/cvc-sequences.csv --held-out-share 0.2
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import cv2
 import numpy as np
 
 from crc_medai.settings import Settings, get_settings
-from processors.detection.datasets import iter_labelled_frames
+from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
 from processors.detection.errors import ParameterError
 from processors.detection.explain import GRADCAM_STAGES_FROM_END, GRADCAM_TARGETS, GradCamExplainer, GradCamTarget
 from processors.detection.model import PolypDetector
@@ -336,6 +339,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="evaluate on a Kvasir-SEG or CVC-ClinicDB folder instead of generated frames",
     )
+    parser.add_argument(
+        "--held-out-share",
+        type=float,
+        default=None,
+        help="with --data-dir, evaluate only the held-out side of a split that keeps each video sequence on one "
+        "side; the share is of sequences, between 0 and 1 (default: every frame)",
+    )
+    parser.add_argument(
+        "--sequence-map",
+        type=Path,
+        default=None,
+        help="CSV file with the columns name,sequence that gives each frame's video sequence (needed for "
+        "CVC-ClinicDB; each Kvasir-SEG image is its own sequence)",
+    )
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the sequence split (default 0)")
     parser.add_argument("--per-frame", action="store_true", help="also print one JSON line per frame")
     parser.add_argument(
         "--pointing-game",
@@ -400,9 +418,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def _evaluate_frames(detector: PolypDetector, args: argparse.Namespace) -> dict:
     if args.data_dir is not None:
-        frames = ((frame.name, frame.image, frame.mask) for frame in iter_labelled_frames(args.data_dir))
+        frames = [(frame.name, frame.image, frame.mask) for frame in iter_labelled_frames(args.data_dir)]
         source = str(args.data_dir)
+        if args.held_out_share is not None:
+            sequence_map = read_sequence_map(args.sequence_map) if args.sequence_map is not None else None
+            sequences = frame_sequences(args.data_dir, [name for name, _, _ in frames], sequence_map)
+            _, held_out = split_by_sequence(sequences, args.held_out_share, args.split_seed)
+            frames = [frames[index] for index in held_out]
+            source += (
+                f" held-out side: {len(held_out)} frames of {len({sequences[index] for index in held_out})}"
+                f" of {len(set(sequences))} sequences, split seed {args.split_seed}"
+            )
     else:
+        if args.held_out_share is not None:
+            raise ParameterError(
+                "--held-out-share applies to --data-dir only; generated frames are held out by their --seed"
+            )
         if args.frames < 2:
             raise ParameterError(
                 f"--frames={args.frames} is too small; use at least 2 so that both classes occur, or 0 for none"
