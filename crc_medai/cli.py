@@ -53,6 +53,11 @@ FHIR_TOOLS = {
 
 #: Detection tools: subcommand -> (module, help text); each module has main(argv).
 DETECTION_TOOLS = {
+    "train-detection": ("processors.detection.train", "train the polyp U-Net on generated endoscopy frames"),
+    "evaluate-detection": (
+        "processors.detection.evaluate",
+        "score the detector on generated frames, generated videos or a Kvasir-SEG or CVC-ClinicDB folder",
+    ),
     "benchmark-detection": (
         "processors.detection.benchmark",
         "time the bare detector and the pipeline through Kafka at 30 fps; writes docs/benchmarks/detection.md",

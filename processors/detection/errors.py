@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from crc_medai.errors import CrcMedAiError
 
-class DetectionError(Exception):
+
+class DetectionError(CrcMedAiError):
     """Root of every error the detection package raises."""
 
 
