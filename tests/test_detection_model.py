@@ -32,6 +32,7 @@ from processors.detection.explain import (
 from processors.detection.model import NetworkConfig, PolypDetector
 from processors.detection.synth import generate_frame
 from processors.detection.train import TrainingConfig, train
+from processors.detection.train import main as train_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_WEIGHTS = REPO_ROOT / "processors" / "detection" / "weights" / "polyp_unet.pt"
@@ -194,9 +195,10 @@ def test_load_missing_file(tmp_path: Path) -> None:
         PolypDetector.load(tmp_path / "absent.pt")
 
 
-def test_load_not_a_torch_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"not a torch file", b"hello"])
+def test_load_not_a_torch_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "garbage.pt"
-    path.write_bytes(b"not a torch file")
+    path.write_bytes(content)
 
     with pytest.raises(WeightsFileError, match="could not be read"):
         PolypDetector.load(path)
@@ -433,6 +435,18 @@ def test_dataset_unknown_layout(tmp_path: Path) -> None:
         list(iter_labelled_frames(tmp_path))
 
 
+def test_dataset_folder_missing(tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="does not exist or is not a folder"):
+        list(iter_labelled_frames(tmp_path / "absent"))
+
+
+def test_dataset_images_without_masks_folder(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+
+    with pytest.raises(DatasetLayoutError, match="has images/ but no masks/"):
+        list(iter_labelled_frames(tmp_path))
+
+
 def _write_cvc_folder(root: Path, count: int) -> None:
     (root / "Original").mkdir(parents=True)
     (root / "Ground Truth").mkdir()
@@ -534,3 +548,58 @@ def test_evaluate_command_held_out_side(tmp_path: Path, capsys: pytest.CaptureFi
 def test_evaluate_command_share_needs_data_dir() -> None:
     with pytest.raises(ParameterError, match="--held-out-share applies to --data-dir only"):
         evaluate_main(["--weights", str(SHIPPED_WEIGHTS), "--held-out-share", "0.2"])
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"), [("\ufeffname,sequence\n1.png,s1\n", "utf-8"), ("name,sequence\n1.png,s\u00e9\n", "utf-8")]
+)
+def test_sequence_map_utf8_variants(tmp_path: Path, text: str, encoding: str) -> None:
+    # A byte-order mark, as spreadsheet programs write, and a non-ASCII sequence name.
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text(text, encoding=encoding)
+
+    assert list(read_sequence_map(csv_path)) == ["1.png"]
+
+
+def test_sequence_map_not_utf8(tmp_path: Path) -> None:
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text("name,sequence\n1.png,s\u00e9\n", encoding="latin-1")
+
+    with pytest.raises(DatasetLayoutError, match="is not UTF-8 text"):
+        read_sequence_map(csv_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--frames", "0"], "nothing to evaluate"),
+        (["--videos", "-1"], "--videos=-1 is invalid"),
+        (["--frames", "0", "--videos", "1", "--video-fps", "5", "--video-seconds", "0.01"], "shorter than one frame"),
+    ],
+)
+def test_evaluate_command_rejects_options(options: list[str], message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        evaluate_main(["--weights", str(SHIPPED_WEIGHTS), *options])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--threads", "0"], "--threads=0 is invalid"),
+        (["--log-every", "0"], "--log-every=0 is invalid"),
+        (["--learning-rate", "-1"], "--learning-rate=-1.0 is invalid"),
+    ],
+)
+def test_train_command_rejects_options(tmp_path: Path, options: list[str], message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        train_main(["--out", str(tmp_path / "model.pt"), *options])
+
+
+def test_train_command_checks_out_first(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+
+    with pytest.raises(ParameterError, match="is a folder"):
+        train_main(["--out", str(tmp_path)])
+    with pytest.raises(ParameterError, match="is not a writable folder"):
+        train_main(["--out", str(blocker / "model.pt")])

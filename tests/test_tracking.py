@@ -117,6 +117,34 @@ def test_opens_on_confirming_frame() -> None:
     assert opened.frames_flagged == 3
 
 
+@pytest.mark.parametrize("fps", [5.0, 2.0])
+def test_low_frame_rate_still_opens(fps: float) -> None:
+    # At 5 fps, 3 frames span 400 ms, more than the 200 ms confirm window.
+    tracker = FindingTracker(min_frames_to_open=3, confirm_window_s=0.2)
+    frames = [
+        result(i, 0.9, BOX).model_copy(update={"captured_at": START + timedelta(seconds=i / fps)}) for i in range(4)
+    ]
+
+    events = feed(tracker, frames)
+
+    assert [event.status for event in events] == ["open"]
+    assert events[0].last_sequence == 2
+
+
+def test_low_frame_rate_drops_broken_run() -> None:
+    tracker = FindingTracker(min_frames_to_open=3, confirm_window_s=0.2)
+    probabilities = [0.9, 0.9, 0.1, 0.9, 0.1, 0.1]
+    frames = [
+        result(i, probability, BOX).model_copy(update={"captured_at": START + timedelta(seconds=i / 5.0)})
+        for i, probability in enumerate(probabilities)
+    ]
+
+    events = feed(tracker, frames)
+
+    assert events == []
+    assert tracker.candidates_dropped == 1
+
+
 def test_distant_regions_are_two_polyps() -> None:
     tracker = FindingTracker(min_frames_to_open=1)
 

@@ -58,9 +58,16 @@ def detect_layout(root: Path) -> str:
     Raises:
         DatasetLayoutError: No supported pair of folders is present.
     """
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data set folder {root} does not exist or is not a folder")
     for layout, (image_folder, mask_folder) in LAYOUTS.items():
         if (root / image_folder).is_dir() and (root / mask_folder).is_dir():
             return layout
+        if (root / image_folder).is_dir():
+            raise DatasetLayoutError(
+                f"data set folder {root} has {image_folder}/ but no {mask_folder}/ beside it; "
+                f"put the masks, named like the images, in {root / mask_folder}"
+            )
     expected = ", ".join(f"{images}/ + {masks}/" for images, masks in LAYOUTS.values())
     raise DatasetLayoutError(f"data set folder {root} has no supported layout; expected one of: {expected}")
 
@@ -115,7 +122,8 @@ def read_sequence_map(path: Path) -> dict[str, str]:
         DatasetLayoutError: The file cannot be read, lacks a column, or names a frame twice.
     """
     try:
-        with Path(path).open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig also reads the byte-order mark that spreadsheet programs write.
+        with Path(path).open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = {"name", "sequence"} - set(reader.fieldnames or [])
             if missing:
@@ -133,6 +141,10 @@ def read_sequence_map(path: Path) -> dict[str, str]:
                 mapping[name] = sequence
     except OSError as exc:
         raise DatasetLayoutError(f"sequence map {path} could not be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetLayoutError(
+            f"sequence map {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from exc
     return mapping
 
 

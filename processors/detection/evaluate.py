@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     """Evaluate and print the metrics as one JSON object."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parse_args(argv)
+    _check_args(args)
     detector = PolypDetector.load(args.weights)
 
     summary: dict = {"model": detector.name, "version": detector.version}
@@ -416,6 +417,22 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    if args.videos < 0:
+        raise ParameterError(f"--videos={args.videos} is invalid; use 0 or more")
+    if args.data_dir is None and args.frames == 0 and args.videos == 0:
+        raise ParameterError("nothing to evaluate; pass --frames N, --videos N or --data-dir DIR")
+    if args.held_out_share is not None and args.data_dir is None:
+        raise ParameterError(
+            "--held-out-share applies to --data-dir only; generated frames are held out by their --seed"
+        )
+    if args.videos and args.video_seconds * args.video_fps < 1:
+        raise ParameterError(
+            f"--video-seconds={args.video_seconds} at --video-fps={args.video_fps} is shorter than one frame; "
+            "use a longer video"
+        )
+
+
 def _evaluate_frames(detector: PolypDetector, args: argparse.Namespace) -> dict:
     if args.data_dir is not None:
         frames = [(frame.name, frame.image, frame.mask) for frame in iter_labelled_frames(args.data_dir)]
@@ -430,10 +447,6 @@ def _evaluate_frames(detector: PolypDetector, args: argparse.Namespace) -> dict:
                 f" of {len(set(sequences))} sequences, split seed {args.split_seed}"
             )
     else:
-        if args.held_out_share is not None:
-            raise ParameterError(
-                "--held-out-share applies to --data-dir only; generated frames are held out by their --seed"
-            )
         if args.frames < 2:
             raise ParameterError(
                 f"--frames={args.frames} is too small; use at least 2 so that both classes occur, or 0 for none"

@@ -40,6 +40,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Pixels whose mask probability is at least this value belong to the mask.
 MASK_THRESHOLD = 0.5
+#: Exceptions of ``torch.load(weights_only=True)`` on a file that is not a torch
+#: file. Its unpickler raises KeyError on an unknown opcode, for example.
+TORCH_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
 MAX_FRAME_SIDE = 8192
 
 
@@ -192,12 +195,15 @@ class PolypDetector:
         path = Path(path)
         if not path.is_file():
             raise WeightsFileError(
-                f"weights file {path} not found; train one with `python -m processors.detection.train --out {path}`"
+                f"weights file {path} not found; train one with `crc-medai train-detection --out {path}`"
             )
         try:
             checkpoint = torch.load(path, map_location=device, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise WeightsFileError(f"weights file {path} could not be read as a torch file: {error}") from error
+        except TORCH_LOAD_ERRORS as error:
+            raise WeightsFileError(
+                f"weights file {path} could not be read as a torch file ({type(error).__name__}: {error}); "
+                "pass a file written by `crc-medai train-detection`"
+            ) from error
 
         _check_checkpoint(checkpoint, path)
         config = NetworkConfig(
@@ -352,8 +358,10 @@ def load_encoder_weights(network: smp.Unet, path: Path) -> None:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise WeightsFileError(f"encoder weights {path} could not be read as a torch state dict: {error}") from error
+    except TORCH_LOAD_ERRORS as error:
+        raise WeightsFileError(
+            f"encoder weights {path} could not be read as a torch state dict ({type(error).__name__}: {error})"
+        ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):

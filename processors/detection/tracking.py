@@ -4,8 +4,9 @@ Flagged frames of a procedure whose regions overlap, or whose centres stay
 close, belong to the same polyp. A track starts on a flagged frame as a
 candidate. It opens (the tracker emits an ``open`` finding) once it has
 ``min_frames_to_open`` flagged frames within ``confirm_window_s`` of capture
-time, so that a single stray flagged frame does not become a finding. A
-track closes when no flagged frame has joined it for ``max_gap_s`` of capture
+time, so that a single stray flagged frame does not become a finding. At a
+low frame rate the window stretches to ``min_frames_to_open`` consecutive
+frames. A track closes when no flagged frame has joined it for ``max_gap_s`` of capture
 time, so a polyp the detector misses for a few frames stays one finding. It
 also closes after ``idle_close_s`` seconds of wall-clock time without a new
 flagged frame, because the end of a stream sends no further frame to close it.
@@ -121,7 +122,8 @@ class FindingTracker:
         max_gap_s: capture-time seconds without a flagged frame that one finding tolerates (detector misses).
         min_frames_to_open: flagged frames a track needs before it opens as a finding; 1 opens on the first.
         confirm_window_s: capture-time seconds from a track's first flagged frame in which it must reach
-            ``min_frames_to_open``. A candidate that does not is dropped as a stray detection.
+            ``min_frames_to_open``, or ``min_frames_to_open`` consecutive frames when those take longer.
+            A candidate that does not is dropped as a stray detection.
         idle_close_s: wall-clock seconds after which a track with no new flagged frame closes.
         region_tolerance: how far apart, in box sides, the centres of two regions of one polyp may lie.
         min_iou: intersection over union at which two regions count as one polyp whatever their centres.
@@ -213,12 +215,25 @@ class FindingTracker:
                 if track.seconds_since(result, track.last) > self.max_gap_s:
                     events.append(track.finding("closed"))
                     continue
-            elif track.seconds_since(result, track.first) > self.confirm_window_s:
+            elif self._confirmation_expired(track, result):
                 self._drop_candidate(track)
                 continue
             kept.append(track)
         tracks[:] = kept
         return events
+
+    def _confirmation_expired(self, track: _Track, result: DetectionResult) -> bool:
+        """Tell whether a candidate ran out of time to reach ``min_frames_to_open``.
+
+        A candidate always gets ``min_frames_to_open`` consecutive frames, even
+        when they span more than ``confirm_window_s``. Otherwise a stream below
+        ``(min_frames_to_open - 1) / confirm_window_s`` fps could never open a finding.
+        """
+        frames_since_first = result.sequence - track.first.sequence
+        return (
+            track.seconds_since(result, track.first) > self.confirm_window_s
+            and frames_since_first >= self.min_frames_to_open
+        )
 
     def _drop_candidate(self, track: _Track) -> None:
         self.candidates_dropped += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,23 @@ def _check_config(config: TrainingConfig) -> None:
         )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject options that would fail only after training, or inside torch with a traceback."""
+    if args.threads is not None and args.threads < 1:
+        raise ParameterError(f"--threads={args.threads} is invalid; use 1 or more")
+    if args.log_every < 1:
+        raise ParameterError(f"--log-every={args.log_every} is invalid; use 1 or more steps")
+    if not args.learning_rate > 0:
+        raise ParameterError(f"--learning-rate={args.learning_rate} is invalid; use a positive rate such as 0.002")
+    if args.out.is_dir():
+        raise ParameterError(
+            f"--out {args.out} is a folder; name the weights file to write, such as {args.out / 'model.pt'}"
+        )
+    parent = next((folder for folder in args.out.parents if folder.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ParameterError(f"--out {args.out} cannot be written: {parent} is not a writable folder")
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainingConfig()
     parser = argparse.ArgumentParser(description="Train the polyp U-Net on generated endoscopy frames.")
@@ -319,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parse_args(argv)
+    _check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = TrainingConfig(
