@@ -518,6 +518,16 @@ def standing_notes(report: dict[str, Any]) -> list[str]:
             f" {report['config']['track_min_frames']} flagged frames; the rest is pipeline latency."
         )
 
+    heatmap_p50 = pipe["heatmap_frames_end_to_end_ms"]["p50"]
+    overall_p50 = pipe["end_to_end_ms"]["p50"]
+    if heatmap_p50 is not None and overall_p50 is not None:
+        notes.append(
+            "An open finding is published after the Grad-CAM heatmap of its representative frame, computed in"
+            " the same batch when that frame has none yet. Frames with a heatmap took"
+            f" {heatmap_p50 - overall_p50:.0f} ms longer at the median than all frames, so a time to first"
+            " detection can include that much."
+        )
+
     if early:
         notes.append(
             f"{len(early)} episode(s) had a finding open before their first frame: a false flag just before the polyp"
