@@ -271,34 +271,39 @@ def evaluate_videos(
             FindingTracker.from_settings(settings),
             settings.detection_threshold,
         )
-        opened = {event.finding_id: sequence for event, sequence in events if event.status == "open"}
-        spans = {
-            event.finding_id: (event.first_sequence, event.last_sequence)
-            for event, _ in events
-            if event.status == "closed"
-        }
-        matched: set[uuid.UUID] = set()
-        report.videos += 1
-        report.findings += len(opened)
-        for polyp in truth["polyps"]:
-            visible = [index for first, last in polyp["frame_ranges"] for index in range(first, last + 1)]
-            report.polyps += 1
-            hits = [
-                finding_id
-                for finding_id, (first, last) in spans.items()
-                if finding_id in opened and any(first <= index <= last for index in visible)
-            ]
-            if not hits:
-                continue
-            matched.update(hits)
-            report.polyps_detected += 1
-            report.ttfd_ms.append(1000.0 * (min(opened[hit] for hit in hits) - visible[0]) / fps)
-            first_flag = next((index for index in visible if flags[index]), None)
-            if first_flag is not None:
-                report.first_flag_delays.append(first_flag - visible[0])
-        report.findings_on_polyps += len(matched)
-        report.findings_without_polyp += len(set(opened) - matched)
+        _score_video(report, truth, flags, events)
     return report
+
+
+def _score_video(report: VideoReport, truth: dict, flags: list[bool], events: list[tuple[PolypFinding, int]]) -> None:
+    """Add one video's polyps and findings to ``report``.
+
+    A finding counts for every polyp that is visible on a frame it spans.
+    """
+    opened = {event.finding_id: sequence for event, sequence in events if event.status == "open"}
+    closed = [event for event, _ in events if event.status == "closed"]
+    spans = {event.finding_id: (event.first_sequence, event.last_sequence) for event in closed}
+    matched: set[uuid.UUID] = set()
+    report.videos += 1
+    report.findings += len(opened)
+    for polyp in truth["polyps"]:
+        visible = [index for first, last in polyp["frame_ranges"] for index in range(first, last + 1)]
+        report.polyps += 1
+        hits = [
+            finding_id
+            for finding_id, (first, last) in spans.items()
+            if finding_id in opened and any(first <= index <= last for index in visible)
+        ]
+        if not hits:
+            continue
+        matched.update(hits)
+        report.polyps_detected += 1
+        report.ttfd_ms.append(1000.0 * (min(opened[hit] for hit in hits) - visible[0]) / report.fps)
+        first_flag = next((index for index in visible if flags[index]), None)
+        if first_flag is not None:
+            report.first_flag_delays.append(first_flag - visible[0])
+    report.findings_on_polyps += len(matched)
+    report.findings_without_polyp += len(set(opened) - matched)
 
 
 def generated_frames(count: int, seed: int, size: int = 256) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import cv2
 import numpy as np
@@ -312,22 +313,20 @@ class DetectionPipeline:
             metrics.record_heatmap("rate_limited")
             self._kept[(frame.procedure_id, frame.sequence)] = _KeptFrame(frame, image)
 
-        return DetectionResult(
-            frame_event_id=frame.event_id,
-            procedure_id=frame.procedure_id,
-            patient_id=frame.patient_id,
-            sequence=frame.sequence,
-            captured_at=frame.captured_at,
-            source_ts=utc_now(),
+        return self._result(
+            frame,
             polyp_probability=float(prediction.probability),
             flagged=flagged,
             region=region,
-            model=self.model_ref,
             inference_ms=inference_ms,
             **heatmap,
         )
 
     def _skipped_result(self, frame: Frame, reason: str) -> DetectionResult:
+        return self._result(frame, polyp_probability=0.0, flagged=False, inference_ms=0.0, skipped_reason=reason)
+
+    def _result(self, frame: Frame, **outcome: Any) -> DetectionResult:
+        """Build the result of ``frame``; ``outcome`` contains the model's decision or the reason it was skipped."""
         return DetectionResult(
             frame_event_id=frame.event_id,
             procedure_id=frame.procedure_id,
@@ -335,11 +334,8 @@ class DetectionPipeline:
             sequence=frame.sequence,
             captured_at=frame.captured_at,
             source_ts=utc_now(),
-            polyp_probability=0.0,
-            flagged=False,
             model=self.model_ref,
-            inference_ms=0.0,
-            skipped_reason=reason,
+            **outcome,
         )
 
     def _explain(self, frame: Frame, image: np.ndarray) -> dict[str, str]:
