@@ -75,7 +75,7 @@ def validator() -> Iterator[ValidatorProcess]:
 
 @dataclass(frozen=True)
 class KnownDeviation:
-    """An error the validator reports in emitted resources that is known and awaits a fix.
+    """A validator error in emitted resources that is tolerated until its fix lands.
 
     ``location`` is a regular expression that must match the end of the issue's location.
     """

@@ -557,7 +557,7 @@ def test_consumer_replay_publishes_same_resources(consumer_run: ConsumerRun) -> 
     assert "Device" not in {event.resource_type for event in consumer_run.replayed}
     for event in consumer_run.replayed:
         if event.resource_type == "DiagnosticReport":
-            # Redis already holds the closed finding, so even the replayed open event yields the final report.
+            # Redis already contains the closed finding, so even the replayed open event yields the final report.
             assert event.resource == latest_report
         else:
             assert event.resource == first[(event.source_event_id, event.resource_id)]

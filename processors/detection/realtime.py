@@ -380,7 +380,7 @@ class DetectionPipeline:
 
     def _forget_frames(self) -> None:
         """Drop kept frames that are no longer the peak of any track."""
-        wanted = self.tracker.representative_frames()
+        peak_frames = self.tracker.representative_frames()
         for identity in list(self._kept):
-            if identity not in wanted:
+            if identity not in peak_frames:
                 del self._kept[identity]

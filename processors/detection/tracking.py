@@ -181,15 +181,15 @@ class FindingTracker:
         now = time.monotonic() if now is None else now
         events = []
         for tracks in self._tracks.values():
-            kept = []
+            remaining = []
             for track in tracks:
                 if now - track.updated_monotonic < self.idle_close_s:
-                    kept.append(track)
+                    remaining.append(track)
                 elif track.opened:
                     events.append(track.finding("closed"))
                 else:
                     self._drop_candidate(track)
-            tracks[:] = kept
+            tracks[:] = remaining
         return events
 
     def open_findings(self) -> int:
@@ -209,7 +209,7 @@ class FindingTracker:
     def _end_tracks(self, tracks: list[_Track], result: DetectionResult) -> list[PolypFinding]:
         """Close the tracks whose gap ran out and drop the candidates whose confirmation window did."""
         events = []
-        kept = []
+        remaining = []
         for track in tracks:
             if track.opened:
                 if track.seconds_since(result, track.last) > self.max_gap_s:
@@ -218,8 +218,8 @@ class FindingTracker:
             elif self._confirmation_expired(track, result):
                 self._drop_candidate(track)
                 continue
-            kept.append(track)
-        tracks[:] = kept
+            remaining.append(track)
+        tracks[:] = remaining
         return events
 
     def _confirmation_expired(self, track: _Track, result: DetectionResult) -> bool:
