@@ -16,8 +16,8 @@ connection error), the whole batch goes there.
 The batch handler returns only after every event is delivered or dead-lettered.
 Faust acknowledges the events, and so commits their offsets, only after that.
 
-Subscribers that want every resource read ``fhir-resources`` itself; this
-worker publishes no other topic.
+Subscribers that want every resource read ``fhir-resources`` itself,
+because this worker publishes no other topic.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class DeliveryError(CrcMedAiError):
 
 
 class RetryableDeliveryError(DeliveryError):
-    """The request failed in a way that can pass later (timeout, connection error, 408, 425, 429, 5xx)."""
+    """The request failed in a way that may succeed later (timeout, connection error, 408, 425, 429, 5xx)."""
 
     def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message, status=status)
@@ -69,7 +69,7 @@ class RetryableDeliveryError(DeliveryError):
 
 
 class RejectedDeliveryError(DeliveryError):
-    """The server rejected the Bundle's content (a 4xx other than 408, 425 and 429); a retry cannot pass."""
+    """The server rejected the Bundle's content (a 4xx other than 408, 425 and 429), so a retry cannot succeed."""
 
 
 class DeliveryOffError(CrcMedAiError):
@@ -91,7 +91,10 @@ class RetryPolicy:
         )
 
     def delay(self, failures: int, retry_after_s: float | None = None) -> float:
-        """Return the seconds to wait after ``failures`` failed attempts; a server's Retry-After wins if longer."""
+        """Return the seconds to wait after ``failures`` failed attempts.
+
+        A longer Retry-After from the server replaces the backoff, still capped at ``backoff_max_s``.
+        """
         delay = min(self.backoff_s * 2 ** (failures - 1), self.backoff_max_s)
         if retry_after_s is not None:
             delay = min(max(delay, retry_after_s), self.backoff_max_s)

@@ -50,8 +50,9 @@ logger = logging.getLogger(__name__)
 FHIR_VERSION = "4.0.1"
 FHIR_JSON = "application/fhir+json"
 
-#: Resources per search page when the request gives no ``_count``, and the most a page returns.
+#: Resources per search page when the request gives no ``_count``.
 DEFAULT_COUNT = 20
+#: Maximum resources per search page; a larger ``_count`` is capped to it.
 MAX_COUNT = 100
 
 #: A FHIR R4 logical id: 1 to 64 letters, digits, ``-`` and ``.``.

@@ -87,8 +87,8 @@ def diagnostic_report(procedure_id: str, findings: Sequence[ReportedFinding]) ->
     reviewed the AI output.
 
     ``subject`` names the patient when the frames of the procedure named one.
-    The conclusion says how many frames the detector skipped as stale when a
-    finding event counted any, and says nothing about coverage otherwise.
+    The conclusion states how many frames the detector skipped as stale when a
+    finding event counted any, and omits that sentence otherwise.
     """
     if not findings:
         raise ValueError(f"procedure {procedure_id} has no findings; a DiagnosticReport needs at least one")

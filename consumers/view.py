@@ -615,7 +615,11 @@ def build_app(settings: Settings):  # noqa: ANN201 - returns faust.App
 
 @dataclass
 class RebuildSummary:
-    """What a rebuild read and wrote."""
+    """Counts of one rebuild.
+
+    ``skipped`` counts records of resource types the view does not serve, and
+    ``rejected`` counts invalid records.
+    """
 
     deleted_keys: int = 0
     records: int = 0
@@ -627,7 +631,7 @@ class RebuildSummary:
 async def rebuild(settings: Settings, *, timeout_s: float = 600.0) -> RebuildSummary:
     """Delete the view, then replay ``fhir-resources`` from the beginning to the current end offsets.
 
-    Invalid records are counted and skipped; the ``fhir-view`` worker sends them
+    Invalid records are counted as rejected and skipped. The ``fhir-view`` worker sends them
     to ``dlq.fhir-view`` when it reads them, so the rebuild does not send them again.
     """
     summary = RebuildSummary()

@@ -38,7 +38,7 @@ FINDING_RESOURCES = frozenset({"Observation", "DiagnosticReport"})
 PROGNOSIS_RESOURCES = frozenset({"Observation", "RiskAssessment"})
 #: The sample record's patient who undergoes the demo colonoscopy.
 DEMO_PATIENT_ID = "pt-0001"
-#: Seconds the demo waits for every service to answer /readyz before it streams anyway.
+#: Seconds the demo waits for every service's /readyz to return 200 before it streams anyway.
 READY_TIMEOUT_S = 120.0
 RESULT_TOPICS = ("detections", "findings", "prognoses", "fhir-resources", *DEAD_LETTER_TOPICS)
 
@@ -127,7 +127,7 @@ def run_demo(*, video: Path, records: Path, realtime: bool = True, timeout_s: fl
 
 
 def start_ready_services(settings: Settings, run_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
-    """Start the services, each with its own metrics port, and wait until each answers /readyz.
+    """Start the services, each with its own metrics port, and wait until each /readyz returns 200.
 
     Streaming starts only then, so frames captured while a model loads are not skipped as stale.
     """

@@ -90,7 +90,7 @@ def dead_letter_headers(
 
 
 def max_value_bytes(settings: Settings) -> int:
-    """Return the largest record value a producer can send under ``settings.kafka_max_message_bytes``."""
+    """Return the maximum record value size (bytes) a producer can send under ``settings.kafka_max_message_bytes``."""
     return settings.kafka_max_message_bytes - RECORD_OVERHEAD_BYTES
 
 
@@ -101,7 +101,7 @@ def fit_dead_letter(
 
     A cut value gets the headers ``crc-truncated: true`` and
     ``crc-original-bytes: <size>``, so that the dead-letter record still fits
-    the broker's limit and says what it lost.
+    the broker's limit and records the value's original size.
     """
     if value is None or len(value) <= max_bytes:
         return value, headers

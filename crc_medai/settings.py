@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     kafka_max_message_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Largest Kafka record (bytes): the broker's message.max.bytes, the producers' max_request_size.",
+        description="Maximum Kafka record size (bytes), used as the producers' max_request_size. "
+        "The broker's message.max.bytes must be at least this.",
     )
 
     # MinIO (S3)
@@ -99,7 +100,7 @@ class Settings(BaseSettings):
     model_gate_tolerance: float = Field(
         default=0.02,
         ge=0.0,
-        description="Largest drop a candidate may show against the champion on any gated metric (absolute).",
+        description="Maximum drop a candidate may show against the champion on any gated metric (absolute).",
     )
     model_gate_detection_frames: int = Field(
         default=200, ge=2, description="Generated held-out frames the detection gate evaluates, half with a polyp."
@@ -155,8 +156,9 @@ class Settings(BaseSettings):
     hl7_max_message_bytes: int = Field(
         default=512 * 1024,
         gt=0,
-        description="Largest HL7 message one MLLP frame may carry (bytes). Keep it well under the broker's "
-        "message.max.bytes (1 MiB by default), because each message becomes a Kafka record.",
+        description="Maximum HL7 message size one MLLP frame may carry (bytes). Keep it well under the broker's "
+        "message.max.bytes (about 1 MiB by Kafka's default, 8 MiB in the local stack), because each message "
+        "becomes a Kafka record.",
     )
 
     # Monitoring

@@ -34,7 +34,7 @@ WRITE_METHODS = frozenset({"POST", "PUT"})
 #: Namespace of the ``urn:uuid`` fullUrls written for entries that came without one.
 FULL_URL_NAMESPACE = uuid.UUID("0b7e4a52-8f0c-4c0e-9d51-3f6b2a7c9e10")
 
-# Markers of an element's value in the model check's messages, and the texts that can follow it (without_input_value).
+# Markers of an element's value in the model check's messages and the texts that can follow it, for without_input_value.
 _VALUE_OPENING = " (value "
 _VALUE_CLOSING = "; the Bundle must be valid FHIR R4"
 _VALUE_TAILS = (
@@ -64,7 +64,7 @@ class RecordRejected(CrcMedAiError):
 
 @dataclass(frozen=True)
 class IncomingResource:
-    """One resource of an input, with where it sat and its identity.
+    """One resource of an input, with its location in the input and its identity.
 
     ``location`` is the element path of the resource in the input, for example
     ``Bundle.entry[3].resource`` or ``Observation`` for a single resource.
@@ -248,10 +248,10 @@ def _check_entry(entry: dict[str, Any], location: str, bundle_type: str) -> None
         )
     relative = next((ref for ref in references_in(entry["resource"]) if _TYPED_REFERENCE.fullmatch(ref)), None)
     if relative is not None:
-        # Relative references resolve against the entry's fullUrl; the HAPI FHIR validator rejects them without one.
+        # Relative references resolve against the entry's fullUrl, so the HAPI FHIR validator rejects them without one.
         raise RecordRejected(
             f"{location}.fullUrl",
-            f"is missing, but the resource holds the relative reference {relative!r}, which resolves against "
+            f"is missing, but the resource contains the relative reference {relative!r}, which resolves against "
             "the fullUrl; add a fullUrl such as <base>/<Type>/<id> or urn:uuid:<uuid>",
         )
 

@@ -4,10 +4,10 @@ Reads a video file, a camera device (an integer index such as ``0``) or a
 network stream URL (``rtsp://``, ``http://``, ...) with OpenCV, optionally
 resizes each frame, JPEG-encodes it and publishes it on ``frames`` keyed by
 procedure id, with its sequence number and capture timestamp. Files are paced
-at their frame rate unless asked to go as fast as possible; live sources pace
-themselves.
+at their frame rate unless ``realtime`` is false, which publishes as fast as
+possible. Live sources pace themselves.
 
-Bad input gets a clear error. A file that OpenCV cannot open is reported as
+Bad input is handled by kind. A file that OpenCV cannot open is reported as
 truncated or damaged when its first bytes name a known container, and as
 unsupported otherwise. A file that ends before the frame count its header
 declares is reported as truncated after its readable frames are published.
@@ -57,7 +57,7 @@ CONTAINER_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x00\x00\x01\xba", "MPEG program stream"),
     (0, b"OggS", "Ogg"),
 )
-#: An unreadable frame is logged at WARNING for the first one and then once per this many.
+#: Number of unreadable frames per WARNING: the 1st is logged, then the 101st, 201st, ... for a value of 100.
 UNREADABLE_LOG_EVERY = 100
 
 
@@ -90,7 +90,7 @@ class VideoSource:
 
     @classmethod
     def parse(cls, value: str | Path | int) -> VideoSource:
-        """Read a source from the command line: digits are a camera index, ``scheme://`` a URL, else a file."""
+        """Parse a source argument: digits are a camera index, ``scheme://`` a URL, and anything else a file path."""
         if isinstance(value, int):
             return cls("camera", value)
         text = str(value)
@@ -107,7 +107,7 @@ class VideoSource:
 
     @property
     def label(self) -> str:
-        """A name for logs and dead-letter headers, without the credentials or query of a URL."""
+        """Name for logs and dead-letter headers, without the credentials or query of a URL."""
         if self.kind == "camera":
             return f"camera {self.target}"
         if self.kind == "stream":
@@ -128,12 +128,13 @@ class CaptureOptions:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
     """JPEG quality from 1 (smallest) to 100 (best)."""
     max_frames: int | None = None
-    """Stop after this many frames read (all when None)."""
+    """Maximum number of frames to grab, unreadable ones included (no limit when None)."""
     reconnect_attempts: int = 5
     """Attempts to reopen a live source after it stops delivering frames, before giving up."""
     reconnect_backoff_s: float = 0.5
-    """Wait before the first reopen attempt (seconds); it doubles after each failure."""
+    """Wait before the first reopen attempt (seconds), doubled after each failed attempt."""
     reconnect_backoff_max_s: float = 8.0
+    """Maximum wait between reopen attempts (seconds)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -183,7 +184,7 @@ class PublishSummary:
 
 
 def open_capture(source: VideoSource) -> cv2.VideoCapture:
-    """Open ``source`` with OpenCV, or raise a ``VideoSourceError`` that says why it failed and what to do."""
+    """Open ``source`` with OpenCV, or raise a ``VideoSourceError`` that states why it failed and what to do."""
     if source.kind == "file":
         path = Path(str(source.target))
         if not path.is_file():
@@ -204,7 +205,7 @@ def open_capture(source: VideoSource) -> cv2.VideoCapture:
 
 
 def diagnose_unopenable_file(path: Path) -> VideoSourceError:
-    """Tell a truncated file in a known container from a file in an unsupported format."""
+    """Return the error for an unopenable file: truncated if it starts like a known container, else unsupported."""
     with path.open("rb") as handle:
         head = handle.read(16)
     if not head:
@@ -212,7 +213,7 @@ def diagnose_unopenable_file(path: Path) -> VideoSourceError:
     for offset, signature, container in CONTAINER_SIGNATURES:
         if head[offset : offset + len(signature)] == signature:
             return TruncatedVideoError(
-                f"video {path} starts like an {container} file but OpenCV cannot read it: it is truncated "
+                f"video {path} starts like a {container} file but OpenCV cannot read it: it is truncated "
                 "or damaged (an interrupted copy or recording); copy it again or repair it with ffmpeg"
             )
     return UnsupportedVideoError(
@@ -231,7 +232,7 @@ def encode_jpeg(image: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes
 
 @dataclass
 class FrameReader:
-    """Yields (index, BGR frame or None when unreadable) from a source, reopening live sources.
+    """Iterable of (index, BGR frame or None when unreadable) over a source, which reopens live sources.
 
     Args:
         source: where to read.
@@ -411,7 +412,7 @@ async def publish_video(
 
 
 class _Publisher:
-    """Sends a reader's frames, and dead-letter records for what it cannot read."""
+    """Sender of a reader's frames, and of dead-letter records for what the reader cannot read."""
 
     def __init__(
         self,

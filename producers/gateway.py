@@ -54,7 +54,7 @@ NDJSON_TYPES = frozenset({"application/fhir+ndjson", "application/x-ndjson", "ap
 XML_TYPES = frozenset({"application/fhir+xml", "application/xml", "text/xml"})
 #: OperationOutcome issue codes (FHIR R4 IssueType) of the HTTP errors the framework raises.
 HTTP_ISSUE_CODES = {404: "not-found", 405: "not-supported"}
-#: The ``topic`` label of the gateway's processed and dead-lettered counters, where Kafka workers put the topic.
+#: ``topic`` label value of the gateway's processed and dead-lettered counters, in place of a Kafka worker's topic.
 HTTP_SOURCE = "http"
 
 
@@ -150,7 +150,7 @@ def _ndjson_outcome(outcome: NdjsonOutcome) -> JSONResponse:
     issues = [issue for accepted in outcome.accepted for issue in _accepted_issues(accepted)]
     issues += [_error_issue(error) for error in outcome.rejected]
     if not outcome.accepted and not outcome.rejected:
-        return _outcome(400, [_issue("error", "required", "the body holds no resource; send one resource per line")])
+        return _outcome(400, [_issue("error", "required", "the body contains no resource; send one resource per line")])
     if not outcome.accepted:
         return _outcome(400, issues)
     summary = f"{len(outcome.accepted)} record(s) accepted, {len(outcome.rejected)} part(s) rejected"

@@ -70,18 +70,20 @@ logger = logging.getLogger(__name__)
 
 #: Namespace of the content-derived event ids of published records.
 EVENT_ID_NAMESPACE = uuid.UUID("3c1f5e0a-7d2b-4b8e-a6f4-9e0d2c8b1a55")
-#: Seconds a per-patient lock is held at most, so a crashed intake cannot block a patient for good.
+#: Expiry of the per-patient Redis lock in seconds (``SET NX PX``), the longest a crashed intake can block a patient.
+#: NOTE: a merge and publish that takes longer loses the lock. A second intake for the same patient may then run
+#: at the same time, and releasing the lock raises redis-py's ``LockNotOwnedError``.
 PATIENT_LOCK_TIMEOUT_S = 30.0
 
 
 class RecordTooLarge(RecordRejected):
-    """The patient record built from an input exceeds the largest Kafka record."""
+    """The patient record built from an input exceeds the Kafka message size limit."""
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(
             None,
             f"the patient record built from this input has {size} bytes, more than the Kafka limit of {limit} "
-            "bytes (CRC_KAFKA_MAX_MESSAGE_BYTES); the record holds all of the patient's current resources, so "
+            "bytes (CRC_KAFKA_MAX_MESSAGE_BYTES); the record contains all of the patient's current resources, so "
             "split the Bundle into smaller ones or send NDJSON, and link large attachments by URL instead of "
             "embedding them",
         )
@@ -126,7 +128,7 @@ class _StoredResource:
 
 
 class RecordIntake:
-    """Validate FHIR R4 input, merge it with each patient's stored resources and publish the records.
+    """Intake of FHIR R4 input: validates it, merges it with each patient's stored resources and publishes the records.
 
     The producer must be started by the caller. Redis is opened from
     ``settings.redis_url`` unless a client is given; :meth:`close` closes it.
@@ -295,9 +297,9 @@ def check_input(data: Any) -> dict[str, MappedRecord]:
     """Validate and map one input on its own, without stored resources, Redis or Kafka.
 
     Returns the mapped record of each patient in the input. This is the
-    verdict :meth:`RecordIntake.accept` reaches for an input that holds each
-    patient's Patient, and what the conformance tests compare with the
-    reference validator's.
+    verdict :meth:`RecordIntake.accept` reaches for an input that contains each
+    patient's Patient, and the verdict the conformance tests compare with the
+    HAPI FHIR validator's.
 
     Raises:
         RecordRejected: names the element that failed.
@@ -327,7 +329,7 @@ def _line_resources(data: Any, number: int) -> list[IncomingResource]:
 def _relocate(items: list[IncomingResource], location: str) -> list[IncomingResource]:
     """Name NDJSON resources by their line, because the element paths start at the resource."""
     if len(items) != 1 or items[0].resource["resourceType"] == "Bundle":
-        raise RecordRejected(location, "an NDJSON line must hold one resource, not a Bundle")
+        raise RecordRejected(location, "an NDJSON line must contain one resource, not a Bundle")
     item = items[0]
     return [IncomingResource(f"{location}: {item.location}", item.resource, item.full_url, item.updated)]
 

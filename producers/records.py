@@ -2,14 +2,17 @@
 
 Each file goes through :class:`producers.intake.RecordIntake`, which
 validates it, merges it with the patient's earlier resources and publishes the
-record on ``patient-records`` keyed by the Patient's id. A file that fails goes
+record on ``patient-records`` keyed by the Patient's id. A rejected file goes
 to the producer's dead-letter topic with the error naming the file and the
-element; the other files are still published. A file that fails for another
-reason (a broker error, a record over the Kafka limit) is reported in the
-summary and dead-lettered when the broker takes it, and the run goes on.
+element, and the other files are still published. A file that fails for
+another reason (a broker error, such as the broker rejecting the record as too
+large, or an unexpected exception) is reported in the summary and
+dead-lettered when the broker accepts the dead-letter record, and the run
+goes on.
 
 :func:`load_bundle` is the older check of one Bundle file on its own, without
-Redis or Kafka; the conformance tests compare its verdicts with the validator's.
+Redis or Kafka. The conformance tests compare its verdicts with the HAPI FHIR
+validator's.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class RecordSummary:
 
 
 def iter_record_files(paths: Iterable[Path]) -> Iterator[Path]:
-    """Yield the JSON files named, expanding folders in name order."""
+    """Yield the files named, expanding each folder to its ``.json`` and ``.ndjson`` files in name order."""
     for path in paths:
         if path.is_dir():
             yield from sorted([*path.glob("*.json"), *path.glob("*.ndjson")])
@@ -110,8 +113,8 @@ def load_bundle(path: Path) -> tuple[str, dict[str, Any]]:
 async def publish_records(settings: Settings, paths: Iterable[Path]) -> RecordSummary:
     """Publish every record file through the record intake; invalid files go to the dead-letter topic.
 
-    ``.json`` files hold one Bundle or resource for one patient, ``.ndjson``
-    files one resource per line for any number of patients.
+    A ``.json`` file contains one Bundle or resource for one patient, and an
+    ``.ndjson`` file one resource per line for any number of patients.
     """
     await ensure_topics(settings, (*DATA_TOPICS, f"dlq.{SERVICE}"))
     producer = create_producer(settings)

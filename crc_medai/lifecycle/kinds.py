@@ -1,8 +1,12 @@
-"""What the registry stores, loads and evaluates for each model kind.
+"""Model kinds: the files the registry stores, loads and evaluates for each kind.
 
 Each kind names its registered model, the files of one version, its model
 card, and the held-out evaluation behind the gate. The gated metrics are the
-ones the kind's model card reports, each with its direction.
+model card's headline metrics, each with its direction.
+
+NOTE: the detection card also reports per-polyp detection, time to first
+detection and the Grad-CAM pointing game on generated videos and frames. The
+gate does not check them yet, because they take minutes per candidate.
 
 - detection (polyp U-Net): sensitivity, specificity, mean Dice and mean IoU at
   ``detection_threshold`` on generated frames from a seed kept apart from

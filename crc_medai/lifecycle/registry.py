@@ -97,7 +97,7 @@ class ModelRegistry:
         if client is None:
             with registry_lock(settings):
                 client = create_client(settings)
-                # The first query creates the SQLite schema; do it while holding the lock.
+                # The first query creates the SQLite schema, so it runs while holding the lock.
                 client.search_registered_models(max_results=1)
         self.client = client
 

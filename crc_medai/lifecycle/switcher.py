@@ -5,7 +5,7 @@ batch and uses that model for the whole batch. The switcher loads a new
 version in a worker thread and then replaces the reference in one
 assignment, so a batch in flight finishes on the version it started with and
 the next batch runs on the new one. When a load fails, the old version keeps
-running; the failure is logged and counted in ``crc_model_load_failures``.
+running, and the failure is logged and counted in ``crc_model_load_failures``.
 
 Every worker follows the ``models`` topic with its own consumer, without a
 consumer group, because each worker must see every deployment.
@@ -71,7 +71,7 @@ class DeployedModel(Generic[ModelT]):
 
 
 class ModelSwitcher(Generic[ModelT]):
-    """Holds the champion version of one model kind for one service and follows its deployments."""
+    """Champion model of one kind in one service, switched to each new champion its deployment events announce."""
 
     def __init__(
         self,

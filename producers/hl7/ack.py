@@ -16,7 +16,7 @@ from producers.hl7.parser import Delimiters, Segment, read_delimiters
 DEFAULT_VERSION = "2.5.1"
 #: MSH-3 of every ACK this receiver sends.
 RECEIVING_APPLICATION = "CRC-MEDAI"
-#: Most characters of an error text written into MSA-3 and ERR-8.
+#: Maximum length, in characters, of the error text written into MSA-3 and ERR-8.
 MAX_TEXT_CHARS = 200
 
 
@@ -64,7 +64,7 @@ def build_ack(
 
 
 def _err_segment(error: Hl7Error, delimiters: Delimiters, version: str) -> str:
-    """Write ERR: ERR-2 location, ERR-3 code (table 0357), ERR-4 severity, ERR-8 text; ERR-1 too before v2.5."""
+    """Build ERR: ERR-2 location, ERR-3 code (table 0357), ERR-4 severity, ERR-8 text, and ERR-1 for v2.3 and v2.4."""
     component, subcomponent = delimiters.component, delimiters.subcomponent
     location = error.location
     error_text = ERROR_CODE_TEXT.get(error.error_code, "")

@@ -3,7 +3,7 @@
 ``Hl7Error`` is the root. Every subclass carries its acknowledgment code (HL7
 table 0008: ``AE`` application error, ``AR`` application reject), its error
 code (HL7 table 0357) and the location of the offending segment or field, so
-that the listener can answer with an MSA and an ERR segment.
+that the listener can respond with an MSA and an ERR segment.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class Hl7Outcome:
 
 
 class Hl7Ingest:
-    """Map HL7 v2 messages to patient records through a :class:`RecordIntake` and acknowledge them."""
+    """HL7 v2 ingestion: maps each message to a patient record through a :class:`RecordIntake` and acknowledges it."""
 
     def __init__(self, intake: RecordIntake) -> None:
         self.intake = intake

@@ -3,12 +3,13 @@
 Each connection reads the stream in chunks, decodes MLLP frames, and handles
 its messages one at a time in arrival order, so the ACKs come back in the
 order the messages were sent. A frame larger than ``CRC_HL7_MAX_MESSAGE_BYTES``
-is acknowledged with AR and the connection is closed, because the rest of the stream
-can no longer be framed reliably. Bytes outside a frame, and a frame left
+is acknowledged with AR and the connection is closed, because the rest of the
+stream can no longer be framed reliably. Bytes outside a frame, and a frame left
 unfinished when the peer disconnects, get no ACK because they carry no whole
 message. Each gets a WARNING and a dead-letter record on ``dlq.hl7-listener``
 with the bytes received, cut to the broker's record limit (discarded bytes to
-their first 64 KiB). Line breaks and spaces between frames are only counted.
+their first 64 KiB). Whitespace between frames (spaces, tabs, line breaks) is
+only counted.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ READ_CHUNK_BYTES = 64 * 1024
 
 
 class Hl7Listener:
-    """Serve MLLP on ``host:port`` and hand each message to an :class:`Hl7Ingest`.
+    """MLLP server on ``host:port`` that hands each message to an :class:`Hl7Ingest`.
 
     Port 0 picks a free port, and :attr:`port` is the bound port after :meth:`start`.
     """
@@ -84,7 +85,7 @@ class Hl7Listener:
                 try:
                     messages = decoder.feed(chunk)
                 except MllpFramingError as error:
-                    await self._answer_oversized(writer, error, peer)
+                    await self._reject_oversized(writer, error, peer)
                     return
                 self._busy.add(task)
                 await self._reject_outside_frame(*decoder.take_discarded(), peer)
@@ -149,7 +150,7 @@ class Hl7Listener:
             # The bytes were never acknowledged, so the sender still has them; the loss is logged here.
             logger.exception("dead-letter record of mllp bytes failed peer=%s bytes=%d", peer, len(raw))
 
-    async def _answer_oversized(self, writer: asyncio.StreamWriter, error: MllpFramingError, peer: str) -> None:
+    async def _reject_oversized(self, writer: asyncio.StreamWriter, error: MllpFramingError, peer: str) -> None:
         logger.error("mllp frame too large, closing connection peer=%s error=%s", peer, error)
         await self.ingest.intake.dead_letter(b"", error, source_name=f"mllp {peer}")
         writer.write(frame(build_ack("AR", None, now=utc_now().astimezone(), error=error).encode("utf-8")))

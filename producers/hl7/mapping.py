@@ -1,10 +1,11 @@
 """Map one HL7 v2 ADT or ORU message to a FHIR R4 collection Bundle for one patient.
 
-The mapping follows the spirit of the HL7 v2-to-FHIR implementation guide:
-PID to Patient, DG1 to Condition, OBR to DiagnosticReport, OBX to Observation,
-RXA to MedicationStatement. It writes what the prognosis features need and
-what a reader of the record expects. No names, addresses or other identifiers
-leave PID. The table is in docs/hl7v2-mapping.md.
+The mapping is modelled on the HL7 v2-to-FHIR implementation guide: PID to
+Patient, DG1 to Condition, OBR to DiagnosticReport, OBX to Observation, RXA to
+MedicationStatement. It writes what the prognosis features need and what a
+reader of the record expects. Only PID-3.1 (the pseudonym), PID-7 and PID-8 are
+read from PID, so no names, addresses or other identifiers leave it. The table
+is in docs/hl7v2-mapping.md.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ UCUM_SYSTEM = "http://unitsofmeasure.org"
 
 #: HL7 table 0396 coding system names (CWE.3) to FHIR code system URIs.
 #: ``99CRC`` is this project's local table for the codes of LOCAL_SYSTEM, and
-#: ``AJCC`` stands for the AJCC TNM categories, which table 0396 does not name.
+#: ``AJCC`` names the AJCC TNM categories, which table 0396 does not list.
 CODING_SYSTEMS = {
     "LN": LOINC_SYSTEM,
     "SCT": SNOMED_SYSTEM,
@@ -117,7 +118,7 @@ SUPPORTED_VALUE_TYPES = NUMERIC_TYPES | CODED_TYPES | TEXT_TYPES | DATE_TYPES | 
 PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,40}$")
 NUMBER_PATTERN = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 ENTRY_INDEX = re.compile(r"^Bundle\.entry\[(\d+)\]")
-#: The HL7 field behind a FHIR element, for errors the FHIR mapping finds: (segment, element) -> field.
+#: HL7 field number behind each FHIR element, by (segment id, element), to locate errors found in the Bundle.
 ELEMENT_FIELDS = {
     ("PID", "gender"): 8,
     ("PID", "birthDate"): 7,
@@ -173,7 +174,7 @@ class ConvertedMessage:
 
 
 class _BundleBuilder:
-    """Collects entries with deterministic ``urn:uuid`` fullUrls and the segment behind each."""
+    """Builder of Bundle entries with deterministic ``urn:uuid`` fullUrls, and of the segment behind each."""
 
     def __init__(self, message_key: str) -> None:
         self.message_key = message_key
@@ -272,7 +273,7 @@ def _single_pid(message: Hl7Message) -> Segment:
 
 
 def _patient_id(pid: Segment) -> str:
-    # The value is not quoted in errors: PID-3 may hold a real medical record number.
+    # The value is not quoted in errors, because PID-3 may contain a real medical record number.
     patient_id = pid.value(3)
     if not patient_id:
         raise Hl7ContentError(
@@ -303,7 +304,7 @@ def _patient(pid: Segment, patient_id: str) -> dict[str, Any]:
 
     birth = pid.value(7)
     if birth:
-        # A birth time is dropped: FHIR birthDate is a date, and the date is what the age needs.
+        # A time of birth is dropped, because FHIR birthDate is a date and the age needs only the date.
         patient["birthDate"] = parse_datetime(birth, pid.location(7)).fhir[:10]
     return patient
 
@@ -342,7 +343,7 @@ def _add_clinical_segments(
 
 
 def _resource_id(patient_id: str, kind: str, *identity: str) -> str:
-    """Build a resource id that a later message about the same thing reproduces, so that it replaces it.
+    """Build a deterministic resource id, so that a later message about the same item replaces the earlier version.
 
     The record intake keeps one version per ``Type/id``: a corrected result
     (same order, OBX-3, OBX-4 and OBX-1) or an updated diagnosis (same DG1-3)
@@ -563,7 +564,10 @@ def _quantity(segment: Segment, value_type: str) -> dict[str, Any]:
 
 
 def _condition_from_observation(observation: dict[str, Any], patient_id: str) -> dict[str, Any] | None:
-    """Write a Condition when an OBX reports a colon cancer diagnosis as its coded value."""
+    """Build a Condition when a final, corrected or preliminary OBX has colon cancer as its coded value.
+
+    Colon cancer is SNOMED CT 363406005 (``COLON_CANCER``) or an ICD-10 code starting with C18. Returns None otherwise.
+    """
     concept = observation.get("valueCodeableConcept") or {}
     codings = concept.get("coding") or []
     if observation["status"] not in ("final", "corrected", "preliminary") or not any(

@@ -16,10 +16,10 @@ logger = logging.getLogger(__name__)
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\r"
 
-#: Largest message accepted by default (bytes), as ``CRC_HL7_MAX_MESSAGE_BYTES``; a longer frame is rejected.
+#: Default maximum message size in bytes, also the default of ``CRC_HL7_MAX_MESSAGE_BYTES``. A longer frame is rejected.
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024
 
-#: Discarded bytes kept between two calls of :meth:`MllpDecoder.take_discarded`, so they can be dead-lettered.
+#: Maximum discarded bytes kept between calls of :meth:`MllpDecoder.take_discarded`, so that they can be dead-lettered.
 MAX_KEPT_DISCARDED_BYTES = 64 * 1024
 
 
@@ -48,7 +48,7 @@ class MllpDecoder:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of an unfinished frame held in the buffer."""
+        """Number of bytes of the unfinished frame in the buffer."""
         return len(self._buffer)
 
     def unfinished_frame(self) -> bytes:

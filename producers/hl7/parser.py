@@ -144,7 +144,8 @@ def parse_message(data: bytes | str) -> Hl7Message:
 
     Raises:
         Hl7ParseError: the text does not start with MSH, MSH-1 or MSH-2 are invalid,
-            the MSH-18 character set is unknown, or a line is not a segment.
+            the MSH-18 character set is unknown, a line is not a segment, or the text
+            contains more than one MSH segment.
     """
     codec = character_set(data) if isinstance(data, bytes) else "utf-8"
     text = decode_message(data, codec) if isinstance(data, bytes) else data
@@ -354,10 +355,11 @@ def _shorten(text: str, limit: int = 20) -> str:
 class Hl7Instant:
     """A DTM value read into its FHIR form.
 
-    ``fhir`` is a FHIR ``date`` (YYYY, YYYY-MM, YYYY-MM-DD) when the value has
-    no time or no UTC offset. A FHIR dateTime with a time needs a timezone, and
-    guessing one could shift the date. Otherwise ``fhir`` is a full dateTime.
-    ``instant`` is set only when the value has a time and an offset.
+    ``fhir`` is a full FHIR dateTime when the value has a time and a UTC
+    offset. Otherwise it is a FHIR ``date`` (YYYY, YYYY-MM, YYYY-MM-DD),
+    because a FHIR dateTime with a time needs a timezone, and guessing one
+    could shift the date. ``instant`` is set only when the value has a time
+    and an offset.
     """
 
     fhir: str
