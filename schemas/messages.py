@@ -152,10 +152,12 @@ class DetectionResult(Message):
 class PolypFinding(Message):
     """One polyp tracked across consecutive flagged frames; key: procedure id.
 
-    A finding is published with status ``open`` on its first flagged frame and
-    again with status ``closed`` once the polyp has left the view, so that
-    downstream systems get one finding per polyp, not one per frame. Both
-    events carry the same ``finding_id``.
+    A finding is published with status ``open`` once the tracker has confirmed
+    the polyp and again with status ``closed`` once the polyp has left the view,
+    so that downstream systems get one finding per polyp, not one per frame.
+    An ``open`` event that goes out before the heatmap of its representative
+    frame is ready is repeated, still ``open``, with the heatmap. Every event of
+    a finding carries the same ``finding_id``; the latest one holds.
     """
 
     topic: ClassVar[str] = "findings"

@@ -27,6 +27,7 @@ from processors.detection.realtime import (
     FrameDecodeError,
     HeatmapRateLimiter,
     configure_torch_threads,
+    heatmap_key,
     select_device,
 )
 from processors.detection.synth import generate_frame
@@ -255,24 +256,53 @@ def test_heatmaps_bounded_by_rate(pipeline_settings: Settings) -> None:
 
 
 @pytest.mark.integration
-def test_finding_heatmap_despite_zero_rate(pipeline_settings: Settings) -> None:
+def test_finding_published_before_its_heatmap(pipeline_settings: Settings) -> None:
+    # A rate of 0 leaves the finding's frame without a heatmap until the finding requires one.
     settings = pipeline_settings.model_copy(update={"detection_heatmaps_per_s": 0.0})
     pipeline = DetectionPipeline(settings)
     start = utc_now()
     frames = [jpeg_frame(index, start + timedelta(milliseconds=33 * index)) for index in range(4)]
 
-    output = pipeline.process_batch([frame.to_bytes() for frame in frames])
+    detected = pipeline.detect_batch([frame.to_bytes() for frame in frames])
+    output = pipeline.explain_batch(detected)
     closed = pipeline.tracker.close_idle(now=float("inf"))
     pipeline.close()
 
-    (opened,) = output.findings
-    assert opened.status == "open"
-    assert opened.heatmap_key is not None
-    representative = output.outcomes[opened.representative_sequence]
-    assert representative.heatmap_key == opened.heatmap_key
+    (confirmed,) = detected.confirmed
+    assert confirmed.status == "open"
+    assert confirmed.heatmap_key is None
+    assert all(result.heatmap_key is None for result in detected.outcomes)
+    (repeated,) = output.findings
+    assert repeated.status == "open"
+    assert repeated.finding_id == confirmed.finding_id
+    assert repeated.heatmap_key is not None
+    assert repeated.model_dump(exclude={"heatmap_key", "heatmap_bucket", "explanation_method", "event_id"}) == (
+        confirmed.model_dump(exclude={"heatmap_key", "heatmap_bucket", "explanation_method", "event_id"})
+    )
+    representative = output.outcomes[repeated.representative_sequence]
+    assert representative.heatmap_key == repeated.heatmap_key
     assert sum(result.heatmap_key is not None for result in output.outcomes) == 1
     assert [finding.status for finding in closed] == ["closed"]
-    assert closed[0].heatmap_key is not None
+    assert closed[0].heatmap_key == repeated.heatmap_key
+
+
+@pytest.mark.integration
+def test_finding_with_heatmap_published_once(pipeline_settings: Settings) -> None:
+    settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 2})
+    pipeline = DetectionPipeline(settings)
+    # The same image twice: the first frame stays the peak, and it got a heatmap within the rate.
+    first = jpeg_frame(0, utc_now())
+    second = jpeg_frame(1, first.captured_at + timedelta(milliseconds=33), seed=-1)
+    assert pipeline.process_batch([first.to_bytes()]).findings == []
+
+    detected = pipeline.detect_batch([second.to_bytes()])
+    output = pipeline.explain_batch(detected)
+    pipeline.close()
+
+    (confirmed,) = detected.confirmed
+    assert confirmed.representative_sequence == 0
+    assert confirmed.heatmap_key == heatmap_key(first)
+    assert output.findings == []
 
 
 # Through Kafka: the detection worker as a child process.
@@ -382,10 +412,12 @@ def test_benchmark_figures_from_records() -> None:
         results=[(bench_result(i, 3 <= i <= 6, 100 * i, skipped=i == 9), 100 * i + 40) for i in range(10)]
     )
     polyp, split, stray = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    heatmap = {"heatmap_key": "heatmaps/bench/3.png", "heatmap_bucket": "b", "explanation_method": "grad-cam"}
     records.findings = [
         (bench_finding(3, 5, "open", polyp), 560),
-        (bench_finding(3, 5, "closed", polyp), 900),
-        (bench_finding(6, 6, "open", split), 700),
+        (bench_finding(3, 5, "open", polyp).model_copy(update=heatmap), 600),
+        (bench_finding(3, 5, "closed", polyp).model_copy(update=heatmap), 900),
+        (bench_finding(6, 6, "open", split).model_copy(update=heatmap), 700),
         (bench_finding(8, 8, "open", stray), 850),
     ]
     truth = {"frame_count": 10, "episodes": [{"first_frame": 2, "last_frame": 6}, {"first_frame": 7, "last_frame": 7}]}
@@ -404,6 +436,9 @@ def test_benchmark_figures_from_records() -> None:
     assert first["opened_on_frame"] == 5
     assert second["ttfd_ms"] is None
     assert figures["ttfd_median_ms"] == pytest.approx(360.0)
+    # Only the polyp's finding opened without a heatmap and was repeated with it.
+    assert figures["finding_heatmap_after_ms"]["count"] == 1
+    assert figures["finding_heatmap_after_ms"]["p50"] == pytest.approx(40.0)
 
 
 def test_tracker_tradeoff_replays_results() -> None:

@@ -7,7 +7,8 @@ one :class:`DetectionResult` per frame on ``detections`` with the same key.
 Stale frames get a result with ``skipped_reason`` instead of a prediction, a
 WARNING per batch, and a count per procedure on every finding event.
 Flagged frames of one polyp are aggregated into a :class:`PolypFinding` on
-``findings``, published when the polyp appears and again when it is gone.
+``findings``, published when the polyp appears (before its heatmap is computed,
+and again with it) and when it is gone.
 See :mod:`processors.detection.realtime` for the per-batch steps.
 """
 
@@ -121,10 +122,15 @@ def build_app(settings: Settings) -> faust.App:
         deployed = switcher.current()
         if deployed.model_ref != pipeline.model_ref:
             await asyncio.to_thread(pipeline.use_detector, deployed.model, deployed.model_ref)
-        output = await asyncio.to_thread(pipeline.process_batch, [value for _, value in records])
+        detected = await asyncio.to_thread(pipeline.detect_batch, [value for _, value in records])
+        # A new finding goes out before Grad-CAM runs, and again once its heatmap is stored.
+        await publish_findings(detected.confirmed)
+        output = await asyncio.to_thread(pipeline.explain_batch, detected)
         await publish_results([outcome for outcome in output.outcomes if isinstance(outcome, DetectionResult)])
         await publish_findings(output.findings)
-        logger.debug("batch processed records=%d findings=%d", len(records), len(output.findings))
+        logger.debug(
+            "batch processed records=%d findings=%d", len(records), len(detected.confirmed) + len(output.findings)
+        )
         return [outcome if isinstance(outcome, BaseException) else None for outcome in output.outcomes]
 
     @app.timer(interval=IDLE_CHECK_INTERVAL_S)

@@ -1,22 +1,31 @@
 """Real-time frame processing: micro-batches, the stale-frame policy and the Grad-CAM budget.
 
-``DetectionPipeline.process_batch`` turns a micro-batch of ``frames`` records
-into detection results and finding events:
+A micro-batch of ``frames`` records goes through two steps, so that a polyp
+finding reaches downstream systems without waiting for Grad-CAM:
 
-1. Each record is parsed and its JPEG decoded on its own, so one bad record
-   is rejected alone.
-2. A frame whose capture timestamp is older than the latency budget is not
-   run through the model. It gets a result with ``skipped_reason="stale"``
-   and counts in ``crc_frames_skipped{reason="stale"}``, so the detector
-   catches up instead of letting its lag grow. Each batch with stale frames
-   logs a WARNING per procedure, and every finding event carries the number of
-   the procedure's frames skipped so far (``stale_frames_skipped``), so the
-   gap in coverage reaches the DiagnosticReport.
-3. The other frames go through the model in one forward pass.
-4. A flagged frame gets a Grad-CAM heatmap only while its procedure is within
-   ``heatmaps_per_s`` (counted on capture time). The representative (peak)
-   frame of every finding event always gets one, from a copy of that frame
-   kept while it is a track's peak.
+``DetectionPipeline.detect_batch``
+    1. Each record is parsed and its JPEG decoded on its own, so one bad record
+       is rejected alone.
+    2. A frame whose capture timestamp is older than the latency budget is not
+       run through the model. It gets a result with ``skipped_reason="stale"``
+       and counts in ``crc_frames_skipped{reason="stale"}``, so the detector
+       catches up instead of letting its lag grow. Each batch with stale frames
+       logs a WARNING per procedure, and every finding event carries the number of
+       the procedure's frames skipped so far (``stale_frames_skipped``), so the
+       gap in coverage reaches the DiagnosticReport.
+    3. The other frames go through the model in one forward pass.
+    4. The finding tracker takes each result in record order. The ``open``
+       events it emits are ready to publish at once, with the heatmap of their
+       representative frame when an earlier batch computed it, without one
+       otherwise.
+
+``DetectionPipeline.explain_batch``
+    5. A flagged frame gets a Grad-CAM heatmap only while its procedure is within
+       ``heatmaps_per_s`` (counted on capture time). The representative (peak)
+       frame of every finding event always gets one, from a copy of that frame
+       kept while it is a track's peak.
+    6. An ``open`` event that went out without its heatmap is repeated, still
+       ``open``, with the heatmap; other events wait for their heatmap.
 
 The pipeline blocks; the Faust agent runs it in a worker thread.
 """
@@ -151,6 +160,10 @@ class _KeptFrame:
     image: np.ndarray
 
 
+#: A frame's identity within the pipeline: (procedure id, sequence).
+FrameId = tuple[str, int]
+
+
 @dataclass
 class BatchOutput:
     """Detection results and finding events of one micro-batch."""
@@ -158,7 +171,26 @@ class BatchOutput:
     outcomes: list[Outcome]
     """One per record, in record order."""
     findings: list[PolypFinding] = field(default_factory=list)
-    """Finding events, in the order the tracker emitted them."""
+    """Finding events, in the order they are to be published."""
+
+
+@dataclass
+class DetectedBatch:
+    """A micro-batch after the model and the finding tracker, before its Grad-CAM heatmaps."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    """One per record, in record order. No result references a heatmap yet."""
+    findings: list[PolypFinding] = field(default_factory=list)
+    """The tracker's events, in the order it emitted them."""
+    flagged_frames: dict[FrameId, _KeptFrame] = field(default_factory=dict)
+    """The batch's flagged frames, kept for their heatmaps."""
+    within_rate: list[FrameId] = field(default_factory=list)
+    """The flagged frames that the heatmap rate allows."""
+
+    @property
+    def confirmed(self) -> list[PolypFinding]:
+        """The ``open`` events, to publish before the batch's heatmaps are computed."""
+        return [finding for finding in self.findings if finding.status == "open"]
 
 
 class DetectionPipeline:
@@ -202,17 +234,66 @@ class DetectionPipeline:
             self.model_ref = model_ref
 
     def process_batch(self, values: list[bytes | None]) -> BatchOutput:
-        """Process the record values of one micro-batch; see the module docstring for the steps."""
+        """Run both steps on the record values of one micro-batch, with the findings in publishing order."""
+        detected = self.detect_batch(values)
+        output = self.explain_batch(detected)
+        return BatchOutput(outcomes=output.outcomes, findings=detected.confirmed + output.findings)
+
+    def detect_batch(self, values: list[bytes | None]) -> DetectedBatch:
+        """Decode the records, skip stale frames, run the model and the tracker (module docstring, steps 1-4)."""
         with self._lock:
             outcomes: list[Outcome | tuple[Frame, np.ndarray]] = [self._decode(value) for value in values]
             self._skip_stale(outcomes)
             self._predict(outcomes)
-            return self._track(outcomes)
+            batch = DetectedBatch()
+            for outcome in outcomes:
+                if isinstance(outcome, tuple):
+                    outcome = self._detect_result(batch, *outcome)
+                batch.outcomes.append(outcome)
+                if isinstance(outcome, DetectionResult):
+                    batch.findings += [self._stamp_stale(event) for event in self.tracker.update(outcome)]
+            # Any flagged frame of the batch may be the peak of a track from now on.
+            self._kept.update(batch.flagged_frames)
+            self._forget_frames()
+            return batch
+
+    def explain_batch(self, batch: DetectedBatch) -> BatchOutput:
+        """Compute the batch's heatmaps; return its results and the finding events still to publish.
+
+        Those are the ``open`` events that ``batch.confirmed`` gave without a
+        heatmap, now with it, and every other event. A frame whose heatmap fails
+        is rejected alone; a finding whose heatmap fails is published without one.
+        """
+        with self._lock:
+            explained: dict[FrameId, dict[str, str] | Exception] = {}
+            for identity in batch.within_rate:
+                explained[identity] = self._try_explain(batch.flagged_frames[identity])
+            findings = []
+            for finding in batch.findings:
+                if finding.heatmap_key is None:
+                    finding = self._explain_finding(finding, batch.flagged_frames, explained)
+                    if finding.status == "open" and finding.heatmap_key is None:
+                        continue
+                elif finding.status == "open":
+                    continue
+                findings.append(finding)
+            outcomes: list[Outcome] = []
+            for outcome in batch.outcomes:
+                if isinstance(outcome, DetectionResult):
+                    # A frame explained for a finding carries its heatmap in its own result too.
+                    heatmap = explained.get((outcome.procedure_id, outcome.sequence))
+                    if isinstance(heatmap, Exception):
+                        outcome = heatmap
+                    elif heatmap is not None:
+                        outcome = outcome.model_copy(update=heatmap)
+                outcomes.append(outcome)
+            self._forget_frames()
+            return BatchOutput(outcomes=outcomes, findings=findings)
 
     def close_idle(self) -> list[PolypFinding]:
         """Close the findings that no flagged frame joined for a while; see ``FindingTracker.close_idle``."""
         with self._lock:
-            events = [self._stamp_stale(self._explain_finding(event, {})) for event in self.tracker.close_idle()]
+            events = [self._stamp_stale(self._explain_finding(event, {}, {})) for event in self.tracker.close_idle()]
             self._forget_frames()
             return events
 
@@ -276,50 +357,24 @@ class DetectionPipeline:
             frame, image = outcomes[index]
             outcomes[index] = (frame, image, prediction, per_frame_ms)
 
-    def _track(self, outcomes: list) -> BatchOutput:
-        """Build each frame's result, feed the tracker in record order and explain the findings' frames."""
-        results: list[Outcome] = []
-        findings: list[PolypFinding] = []
-        explained: dict[tuple[str, int], dict[str, str]] = {}
-        for outcome in outcomes:
-            if isinstance(outcome, tuple):
-                try:
-                    outcome = self._detect_result(*outcome)
-                except Exception as exc:  # noqa: BLE001 - a failed heatmap rejects this frame only
-                    results.append(exc)
-                    continue
-            results.append(outcome)
-            if isinstance(outcome, DetectionResult):
-                events = self.tracker.update(outcome)
-                findings += [self._stamp_stale(self._explain_finding(event, explained)) for event in events]
-
-        # A frame explained for a finding carries its heatmap in its own result too.
-        for index, result in enumerate(results):
-            if isinstance(result, DetectionResult) and (result.procedure_id, result.sequence) in explained:
-                results[index] = result.model_copy(update=explained[(result.procedure_id, result.sequence)])
-        self._forget_frames()
-        return BatchOutput(outcomes=results, findings=findings)
-
     def _detect_result(
-        self, frame: Frame, image: np.ndarray, prediction: Prediction, inference_ms: float
+        self, batch: DetectedBatch, frame: Frame, image: np.ndarray, prediction: Prediction, inference_ms: float
     ) -> DetectionResult:
         flagged = prediction.probability >= self.settings.detection_threshold
-        region = box_region(prediction.region) if flagged else None
-
-        heatmap: dict[str, str] = {}
-        if flagged and self.limiter.allows(frame.procedure_id, frame.captured_at):
-            heatmap = self._explain(frame, image)
-        elif flagged:
-            metrics.record_heatmap("rate_limited")
-            self._kept[(frame.procedure_id, frame.sequence)] = _KeptFrame(frame, image)
-
+        if flagged:
+            identity = (frame.procedure_id, frame.sequence)
+            batch.flagged_frames[identity] = _KeptFrame(frame, image)
+            if self.limiter.allows(frame.procedure_id, frame.captured_at):
+                self.limiter.record(frame.procedure_id, frame.captured_at)
+                batch.within_rate.append(identity)
+            else:
+                metrics.record_heatmap("rate_limited")
         return self._result(
             frame,
             polyp_probability=float(prediction.probability),
             flagged=flagged,
-            region=region,
+            region=box_region(prediction.region) if flagged else None,
             inference_ms=inference_ms,
-            **heatmap,
         )
 
     def _skipped_result(self, frame: Frame, reason: str) -> DetectionResult:
@@ -346,32 +401,49 @@ class DetectionPipeline:
         put_png(self.minio, self.settings.heatmap_bucket, key, explanation.overlay_png)
         metrics.HEATMAP_SECONDS.observe(time.perf_counter() - started)
         metrics.record_heatmap("computed")
-        self.limiter.record(frame.procedure_id, frame.captured_at)
-        return {
+        heatmap = {
             "heatmap_key": key,
             "heatmap_bucket": self.settings.heatmap_bucket,
             "explanation_method": explanation.method,
         }
+        # Later events of a track whose peak this frame is carry the heatmap.
+        self.tracker.attach_heatmap(frame.procedure_id, frame.sequence, **heatmap)
+        return heatmap
 
-    def _explain_finding(self, finding: PolypFinding, explained: dict[tuple[str, int], dict[str, str]]) -> PolypFinding:
-        """Give a finding event the heatmap of its representative frame when that frame has none yet."""
+    def _try_explain(self, kept: _KeptFrame) -> dict[str, str] | Exception:
+        """Return ``_explain``'s fields for a kept frame, or the error that stopped it."""
+        try:
+            return self._explain(kept.frame, kept.image)
+        except Exception as exc:  # noqa: BLE001 - the caller decides what a failed heatmap rejects
+            return exc
+
+    def _explain_finding(
+        self,
+        finding: PolypFinding,
+        frames: dict[FrameId, _KeptFrame],
+        explained: dict[FrameId, dict[str, str] | Exception],
+    ) -> PolypFinding:
+        """Give a finding event the heatmap of its representative frame, computing it unless ``explained`` has it.
+
+        The frame is looked up in ``frames`` (the batch's), then among the kept peaks.
+        """
         if finding.heatmap_key is not None:
             return finding
         identity = (finding.procedure_id, finding.representative_sequence)
-        kept = self._kept.get(identity)
-        if kept is None:
-            return finding
-        try:
-            heatmap = self._explain(kept.frame, kept.image)
-        except Exception:  # noqa: BLE001 - the finding is published without a heatmap; the error is logged
-            logger.exception(
+        if identity not in explained:
+            kept = frames.get(identity) or self._kept.get(identity)
+            if kept is None:
+                return finding
+            explained[identity] = self._try_explain(kept)
+        heatmap = explained[identity]
+        if isinstance(heatmap, Exception):
+            logger.error(
                 "heatmap of a finding's frame failed finding=%s sequence=%d; publishing it without a heatmap",
                 finding.finding_id,
                 finding.representative_sequence,
+                exc_info=heatmap,
             )
             return finding
-        explained[identity] = heatmap
-        self.tracker.attach_heatmap(finding.procedure_id, finding.representative_sequence, **heatmap)
         return finding.model_copy(update=heatmap)
 
     def _stamp_stale(self, finding: PolypFinding) -> PolypFinding:
