@@ -53,7 +53,10 @@ FHIR_TOOLS = {
 
 #: Detection tools: subcommand -> (module, help text); each module has main(argv).
 DETECTION_TOOLS = {
-    "train-detection": ("processors.detection.train", "train the polyp U-Net on generated endoscopy frames"),
+    "train-detection": (
+        "processors.detection.train",
+        "train the polyp U-Net on generated endoscopy frames, optionally with a labelled folder",
+    ),
     "evaluate-detection": (
         "processors.detection.evaluate",
         "score the detector on generated frames, generated videos or a Kvasir-SEG or CVC-ClinicDB folder",

@@ -31,7 +31,7 @@ from processors.detection.explain import (
 )
 from processors.detection.model import NetworkConfig, PolypDetector
 from processors.detection.synth import generate_frame
-from processors.detection.train import TrainingConfig, train
+from processors.detection.train import LabelledData, TrainingConfig, train
 from processors.detection.train import main as train_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -603,3 +603,80 @@ def test_train_command_checks_out_first(tmp_path: Path) -> None:
         train_main(["--out", str(tmp_path)])
     with pytest.raises(ParameterError, match="is not a writable folder"):
         train_main(["--out", str(blocker / "model.pt")])
+
+
+TINY_TRAINING = ["--steps", "2", "--batch-size", "4", "--frame-size", "64", "--input-size", "64"]
+TINY_POOL = ["--pool-size", "8", "--pool-refresh", "2", "--log-every", "1"]
+
+
+def test_training_on_labelled_folder(tmp_path: Path) -> None:
+    _write_kvasir_folder(tmp_path / "kvasir", ["a", "b", "c"])
+    path = tmp_path / "trained.pt"
+
+    train_main(["--out", str(path), "--data-dir", str(tmp_path / "kvasir"), *TINY_TRAINING, *TINY_POOL])
+
+    training = PolypDetector.load(path).metadata["training"]
+    assert "0.5 of each batch from kvasir: 3 frames" in training["data"]
+    assert training["init_weights"] is None
+
+
+def test_labelled_training_side_disjoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_cvc_folder(tmp_path / "cvc", 8)
+    csv_path = tmp_path / "sequences.csv"
+    csv_path.write_text("name,sequence\n" + "".join(f"{i}.png,s{(i - 1) // 2}\n" for i in range(1, 9)), "utf-8")
+    split = ["--sequence-map", str(csv_path), "--held-out-share", "0.25"]
+
+    data = LabelledData.load(tmp_path / "cvc", 64, held_out_share=0.25, sequence_map=csv_path)
+    evaluate_main(["--weights", str(SHIPPED_WEIGHTS), "--data-dir", str(tmp_path / "cvc"), *split, "--per-frame"])
+
+    held_out = {json.loads(line)["name"] for line in capsys.readouterr().out.splitlines() if line.startswith('{"name')}
+    assert len(data.names) == 6
+    assert len(held_out) == 2
+    assert not held_out & set(data.names)
+    assert "training side 6 frames of 3 sequences" in data.source
+    assert data.images[0].shape == (64, 64, 3)
+    assert set(np.unique(data.masks[0])) <= {0, 255}
+
+
+def test_training_fine_tunes_saved_weights(tmp_path: Path) -> None:
+    start = tmp_path / "start.pt"
+    train_main(["--out", str(start), *TINY_TRAINING, *TINY_POOL])
+    tuned = tmp_path / "tuned.pt"
+
+    train_main(["--out", str(tuned), "--init-weights", str(start), "--version", "0.0.2", *TINY_TRAINING, *TINY_POOL])
+
+    before, after = PolypDetector.load(start), PolypDetector.load(tuned)
+    assert after.version == "0.0.2"
+    assert after.metadata["training"]["init_weights"] == "start.pt"
+    changed = [
+        name
+        for name, tensor in after.network.state_dict().items()
+        if tensor.is_floating_point() and not torch.equal(tensor, before.network.state_dict()[name])
+    ]
+    assert changed
+
+
+def test_fine_tune_input_size_mismatch(tmp_path: Path) -> None:
+    start = tmp_path / "start.pt"
+    train_main(["--out", str(start), *TINY_TRAINING, *TINY_POOL])
+
+    with pytest.raises(ParameterError, match="has input size 64, not 96; pass --input-size 64"):
+        train_main(
+            ["--out", str(tmp_path / "tuned.pt"), "--init-weights", str(start), *TINY_TRAINING, *TINY_POOL]
+            + ["--input-size", "96"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--held-out-share", "0.2"], "apply to --data-dir only"),
+        (["--init-weights", "a.pt", "--encoder-weights", "b.pt"], "pass only one of them"),
+        (["--data-dir", "kvasir", "--data-share", "1"], "data_share=1.0 is invalid"),
+        (["--data-dir", "kvasir", "--data-share", "0.9", "--batch-size", "4"], "leaves 0 generated frames"),
+        (["--data-dir", "kvasir", "--data-share", "0.1", "--batch-size", "4"], "at least 2 generated and 1 labelled"),
+    ],
+)
+def test_train_command_rejects_data_options(tmp_path: Path, options: list[str], message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        train_main(["--out", str(tmp_path / "model.pt"), *options])

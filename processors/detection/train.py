@@ -1,4 +1,4 @@
-r"""Train the polyp detector on frames generated on the fly by ``synth``.
+r"""Train the polyp detector on frames generated on the fly by ``synth``, optionally mixed with a labelled folder.
 
 Loss: Dice + binary cross-entropy on the mask logits, plus binary
 cross-entropy on the presence logit. Optimiser: AdamW with a one-cycle
@@ -15,6 +15,16 @@ generated pairs and draws each batch from it with random flips and colour
 jitter, taking at most one frame of each pair. After each step it replaces a
 few pairs with new ones, so every pair is used a few times before it leaves
 the pool.
+
+With ``--data-dir`` a share of each batch (``--data-share``) comes from a
+labelled folder in a layout of ``datasets``, resized to the frame size, with
+the same flips and colour jitter. The rest still comes from generated pairs,
+because Kvasir-SEG and CVC-ClinicDB hold no polyp-free frame, so the presence
+head would otherwise see only one class. With ``--held-out-share`` the
+trainer uses only the training side of the sequence split that
+``evaluate --data-dir --held-out-share`` scores, so evaluation stays held out
+when both get the same split options. ``--init-weights`` starts from a saved
+detector instead of a new network, to fine-tune it.
 
 Example::
 
@@ -37,6 +47,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as functional
 
+from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
 from processors.detection.errors import ParameterError
 from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector
 from processors.detection.synth import SyntheticFrame, render_frame_pair
@@ -58,6 +69,77 @@ class TrainingConfig:
     pool_size: int = 384
     pool_refresh: int = 4
     presence_weight: float = 1.0
+    data_share: float = 0.0
+    """Share of each batch drawn from a labelled folder; 0 without one."""
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """A labelled folder's frames to train on, resized to the training frame size."""
+
+    source: str
+    """Description of the frames for the weights file: folder name, frame count and split."""
+    names: list[str]
+    """File names of the frames, in the order of ``images``."""
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    """uint8, 255 on polyp pixels, as ``synth`` draws them."""
+
+    @classmethod
+    def load(
+        cls,
+        root: Path,
+        frame_size: int,
+        *,
+        held_out_share: float | None = None,
+        sequence_map: Path | None = None,
+        split_seed: int = 0,
+    ) -> LabelledData:
+        """Read the folder at ``root``, keeping only the training side of the split when ``held_out_share`` is set.
+
+        Raises:
+            DatasetLayoutError: The folder, its layout, a file or the split is invalid (see ``datasets``).
+        """
+        frames = list(iter_labelled_frames(root))
+        source = f"{root.name}: {len(frames)} frames"
+        if held_out_share is not None:
+            mapping = read_sequence_map(sequence_map) if sequence_map is not None else None
+            sequences = frame_sequences(root, [frame.name for frame in frames], mapping)
+            training, _ = split_by_sequence(sequences, held_out_share, split_seed)
+            frames = [frames[index] for index in training]
+            source += (
+                f", training side {len(frames)} frames of {len({sequences[index] for index in training})}"
+                f" sequences, held-out share {held_out_share}, split seed {split_seed}"
+            )
+        size = (frame_size, frame_size)
+        return cls(
+            source=source,
+            names=[frame.name for frame in frames],
+            images=[cv2.resize(frame.image, size, interpolation=cv2.INTER_AREA) for frame in frames],
+            masks=[
+                cv2.resize(frame.mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST) for frame in frames
+            ],
+        )
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Draw ``count`` frames at random, with replacement, each flipped and jittered."""
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for index in rng.integers(len(self.images), size=count):
+            image, mask = augment(rng, self.images[index], self.masks[index])
+            images.append(image)
+            masks.append(mask)
+        return images, masks
+
+
+def augment(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the frame with random colour jitter and, three times in four, a flip of frame and mask."""
+    image = ColourJitter.sample(rng).apply(image)
+    flip = int(rng.integers(-1, 3))
+    if flip < 2:
+        # cv2.flip codes: 0 vertical, 1 horizontal, -1 both.
+        image, mask = cv2.flip(image, flip), cv2.flip(mask, flip)
+    return image, mask
 
 
 class FramePool:
@@ -97,12 +179,7 @@ class FramePool:
         members = self._rng.permutation([0] * (count - count // 2) + [1] * (count // 2))
         for index, member in zip(self._rng.choice(len(self.pairs), size=count, replace=False), members, strict=True):
             frame = self.pairs[index][member]
-            image = ColourJitter.sample(self._rng).apply(frame.image)
-            mask = frame.mask
-            flip = int(self._rng.integers(-1, 3))
-            if flip < 2:
-                # cv2.flip codes: 0 vertical, 1 horizontal, -1 both.
-                image, mask = cv2.flip(image, flip), cv2.flip(mask, flip)
+            image, mask = augment(self._rng, frame.image, frame.mask)
             images.append(image)
             masks.append(mask)
         return images, masks
@@ -145,15 +222,42 @@ def mask_targets(masks: list[np.ndarray], input_size: int, device: torch.device)
 
 
 def train(
-    config: TrainingConfig, out: Path, encoder_weights: Path | None = None, version: str = "0.1.0", log_every: int = 25
+    config: TrainingConfig,
+    out: Path,
+    encoder_weights: Path | None = None,
+    version: str = "0.1.0",
+    log_every: int = 25,
+    *,
+    data: LabelledData | None = None,
+    init_weights: Path | None = None,
 ) -> PolypDetector:
-    """Train a detector, write it to ``out`` and return it."""
+    """Train a detector, write it to ``out`` and return it.
+
+    Args:
+        data: Labelled frames that make up ``config.data_share`` of each batch.
+        init_weights: A weights file to fine-tune instead of a new network; its input size is kept.
+    """
     _check_config(config)
+    data_frames = data_frames_per_batch(config)
+    if data_frames and data is None:
+        raise ParameterError(f"data_share={config.data_share} needs labelled frames; pass --data-dir DIR")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    detector = PolypDetector.create(
-        NetworkConfig(input_size=config.input_size), name="polyp-unet", version=version, encoder_weights=encoder_weights
-    )
+    if init_weights is not None:
+        detector = PolypDetector.load(init_weights)
+        if detector.input_size != config.input_size:
+            raise ParameterError(
+                f"--init-weights {init_weights} has input size {detector.input_size}, not {config.input_size}; "
+                f"pass --input-size {detector.input_size}"
+            )
+        detector.version = version
+    else:
+        detector = PolypDetector.create(
+            NetworkConfig(input_size=config.input_size),
+            name="polyp-unet",
+            version=version,
+            encoder_weights=encoder_weights,
+        )
     network = detector.network.train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -168,7 +272,11 @@ def train(
 
     running: dict[str, float] = {"dice": 0.0, "mask_bce": 0.0, "presence_bce": 0.0}
     for step in range(1, config.steps + 1):
-        images, masks = pool.sample(config.batch_size)
+        images, masks = pool.sample(config.batch_size - data_frames)
+        if data is not None and data_frames:
+            data_images, data_masks = data.sample(rng, data_frames)
+            images += data_images
+            masks += data_masks
         inputs = detector.preprocess(images)
         mask_target, presence_target = mask_targets(masks, config.input_size, detector.device)
 
@@ -195,7 +303,9 @@ def train(
     cpu_seconds = time.process_time() - cpu_started
     detector.network.eval()
     training = {
-        "data": "synthetic frames from processors.detection.synth, generated during training",
+        "data": "synthetic frames from processors.detection.synth, generated during training"
+        + (f"; {config.data_share:g} of each batch from {data.source}" if data is not None and data_frames else ""),
+        "init_weights": init_weights.name if init_weights else None,
         "seed": config.seed,
         "steps": config.steps,
         "batch_size": config.batch_size,
@@ -241,6 +351,11 @@ def _log_progress(
     )
 
 
+def data_frames_per_batch(config: TrainingConfig) -> int:
+    """Return how many frames of each batch come from the labelled folder."""
+    return round(config.batch_size * config.data_share)
+
+
 def _check_config(config: TrainingConfig) -> None:
     if config.steps < 1:
         raise ParameterError(f"steps={config.steps} is invalid; train for at least 1 step")
@@ -255,6 +370,17 @@ def _check_config(config: TrainingConfig) -> None:
             f"batch_size={config.batch_size}, pool_size={config.pool_size} and pool_refresh={config.pool_refresh} "
             "must be even, because frames come in pairs with and without polyps"
         )
+    if not 0.0 <= config.data_share < 1.0:
+        raise ParameterError(
+            f"data_share={config.data_share} is invalid; use 0 to less than 1, because generated frames "
+            "supply the polyp-free examples"
+        )
+    generated = config.batch_size - data_frames_per_batch(config)
+    if config.data_share > 0 and (generated < 2 or generated == config.batch_size):
+        raise ParameterError(
+            f"data_share={config.data_share} with batch_size={config.batch_size} leaves {generated} generated "
+            "frames per batch; each batch needs at least 2 generated and 1 labelled frame"
+        )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -265,6 +391,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ParameterError(f"--log-every={args.log_every} is invalid; use 1 or more steps")
     if not args.learning_rate > 0:
         raise ParameterError(f"--learning-rate={args.learning_rate} is invalid; use a positive rate such as 0.002")
+    if args.init_weights is not None and args.encoder_weights is not None:
+        raise ParameterError(
+            "--init-weights and --encoder-weights both set the starting weights; pass only one of them"
+        )
+    if args.data_dir is None and (args.held_out_share is not None or args.sequence_map is not None):
+        raise ParameterError("--held-out-share and --sequence-map apply to --data-dir only; pass --data-dir DIR")
     if args.out.is_dir():
         raise ParameterError(
             f"--out {args.out} is a folder; name the weights file to write, such as {args.out / 'model.pt'}"
@@ -276,7 +408,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TrainingConfig()
-    parser = argparse.ArgumentParser(description="Train the polyp U-Net on generated endoscopy frames.")
+    parser = argparse.ArgumentParser(
+        description="Train the polyp U-Net on generated endoscopy frames, optionally with a labelled folder."
+    )
     parser.add_argument("--out", type=Path, required=True, help="path of the weights file to write")
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed of the generator and of torch (default 0)"
@@ -327,6 +461,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="optional ImageNet encoder state dict on disk to start from; nothing is downloaded",
     )
+    parser.add_argument(
+        "--init-weights", type=Path, default=None, help="weights file of a detector to fine-tune instead of a new one"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="labelled folder to train on as well: Kvasir-SEG (images/ + masks/) or CVC-ClinicDB layout",
+    )
+    parser.add_argument(
+        "--data-share",
+        type=float,
+        default=0.5,
+        help="share of each batch taken from --data-dir; the rest is generated (default 0.5)",
+    )
+    parser.add_argument(
+        "--held-out-share",
+        type=float,
+        default=None,
+        help="train only on the training side of this sequence split of --data-dir, as evaluate-detection splits it",
+    )
+    parser.add_argument(
+        "--sequence-map", type=Path, default=None, help="CSV of name,sequence for --data-dir frames (CVC-ClinicDB)"
+    )
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the sequence split (default 0)")
     parser.add_argument("--version", default="0.1.0", help="model version stored in the weights file (default 0.1.0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-every", type=int, default=25, help="steps between progress lines (default 25)")
@@ -350,9 +509,34 @@ def main(argv: list[str] | None = None) -> None:
         pool_size=args.pool_size,
         pool_refresh=args.pool_refresh,
         presence_weight=args.presence_weight,
+        data_share=args.data_share if args.data_dir is not None else 0.0,
     )
-    logger.info("training started config=%s encoder_weights=%s", config, args.encoder_weights)
-    train(config, args.out, encoder_weights=args.encoder_weights, version=args.version, log_every=args.log_every)
+    _check_config(config)
+    data = None
+    if args.data_dir is not None:
+        data = LabelledData.load(
+            args.data_dir,
+            config.frame_size,
+            held_out_share=args.held_out_share,
+            sequence_map=args.sequence_map,
+            split_seed=args.split_seed,
+        )
+        logger.info("labelled frames loaded source=%s", data.source)
+    logger.info(
+        "training started config=%s encoder_weights=%s init_weights=%s",
+        config,
+        args.encoder_weights,
+        args.init_weights,
+    )
+    train(
+        config,
+        args.out,
+        encoder_weights=args.encoder_weights,
+        version=args.version,
+        log_every=args.log_every,
+        data=data,
+        init_weights=args.init_weights,
+    )
 
 
 if __name__ == "__main__":
