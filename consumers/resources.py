@@ -152,6 +152,10 @@ def heatmap_media(finding: PolypFinding) -> dict[str, Any] | None:
     return validate(resource)
 
 
+#: How the detection processor finds polyps, as the finding Observation's method.
+DETECTION_METHOD = "U-Net polyp segmentation with presence head"
+
+
 def finding_observation(finding: PolypFinding) -> dict[str, Any]:
     """Build the polyp finding Observation of a finding: one per polyp, updated when it closes.
 
@@ -173,7 +177,8 @@ def finding_observation(finding: PolypFinding) -> dict[str, Any]:
         "effectivePeriod": seen_period(finding),
         "issued": finding.source_ts.isoformat(),
         "valueQuantity": {"value": round(finding.peak_probability, 4), **PROBABILITY_UNIT},
-        "method": {"text": finding.explanation_method or "U-Net polyp segmentation with presence head"},
+        # The method is the detector's on every event; the heatmap's method is in the Media title.
+        "method": {"text": DETECTION_METHOD},
         "device": device_reference(finding.model),
         "component": _finding_components(finding),
         "note": [{"text": _finding_summary(finding)}],

@@ -18,6 +18,7 @@ from consumers.devices import MODEL_CARD_EXTENSION, EmittedDevices, model_device
 from consumers.fhir_consumer import write_resource
 from consumers.reports import ProcedureFindings, ReportedFinding, diagnostic_report
 from consumers.resources import (
+    DETECTION_METHOD,
     TOP_CONTRIBUTIONS,
     ResourceValidationError,
     finding_observation,
@@ -183,6 +184,16 @@ def test_finding_without_region_or_heatmap() -> None:
     assert codes == ["representative-frame", "frames-flagged"]
     assert "derivedFrom" not in resource
     assert heatmap_media(source) is None
+
+
+def test_finding_method_same_with_heatmap() -> None:
+    # An open finding goes out before its heatmap and again with it; both events name the detector.
+    without = finding_observation(finding(heatmap_key=None, heatmap_bucket=None, explanation_method=None))
+    with_heatmap = finding_observation(finding())
+
+    assert without["method"] == with_heatmap["method"]
+    assert with_heatmap["method"]["text"] == DETECTION_METHOD
+    assert "Grad-CAM" in with_heatmap["derivedFrom"][0]["display"]
 
 
 def test_finding_period_reversed_rejected() -> None:
