@@ -152,7 +152,7 @@ def heatmap_media(finding: PolypFinding) -> dict[str, Any] | None:
     return validate(resource)
 
 
-#: How the detection processor finds polyps, as the finding Observation's method.
+#: Method of every finding Observation: the detection model, not the heatmap.
 DETECTION_METHOD = "U-Net polyp segmentation with presence head"
 
 
@@ -177,7 +177,7 @@ def finding_observation(finding: PolypFinding) -> dict[str, Any]:
         "effectivePeriod": seen_period(finding),
         "issued": finding.source_ts.isoformat(),
         "valueQuantity": {"value": round(finding.peak_probability, 4), **PROBABILITY_UNIT},
-        # The method is the detector's on every event; the heatmap's method is in the Media title.
+        # The heatmap's method is in the Media title, so an event with or without a heatmap names the same method.
         "method": {"text": DETECTION_METHOD},
         "device": device_reference(finding.model),
         "component": _finding_components(finding),
