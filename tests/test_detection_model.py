@@ -31,7 +31,7 @@ from processors.detection.explain import (
 )
 from processors.detection.model import NetworkConfig, PolypDetector
 from processors.detection.synth import generate_frame
-from processors.detection.train import LabelledData, TrainingConfig, train
+from processors.detection.train import LabelledData, TrainingConfig, VideoFrames, train
 from processors.detection.train import main as train_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -656,15 +656,37 @@ def test_training_fine_tunes_saved_weights(tmp_path: Path) -> None:
     assert changed
 
 
-def test_fine_tune_input_size_mismatch(tmp_path: Path) -> None:
+def test_fine_tune_at_other_input_size(tmp_path: Path) -> None:
     start = tmp_path / "start.pt"
     train_main(["--out", str(start), *TINY_TRAINING, *TINY_POOL])
+    tuned = tmp_path / "tuned.pt"
 
-    with pytest.raises(ParameterError, match="has input size 64, not 96; pass --input-size 64"):
-        train_main(
-            ["--out", str(tmp_path / "tuned.pt"), "--init-weights", str(start), *TINY_TRAINING, *TINY_POOL]
-            + ["--input-size", "96"]
-        )
+    train_main(["--out", str(tuned), "--init-weights", str(start), *TINY_TRAINING, *TINY_POOL, "--input-size", "96"])
+
+    loaded = PolypDetector.load(tuned)
+    assert loaded.input_size == 96
+    assert len(loaded.predict([_frame(64, 64)])) == 1
+
+
+def test_video_frames_entering_and_polyp_free() -> None:
+    frames = VideoFrames.generate(first_seed=5000, videos=1, frame_size=64)
+
+    assert frames.entering
+    assert frames.polyp_free
+    assert all(mask.any() for _, mask in frames.entering)
+    assert not any(mask.any() for _, mask in frames.polyp_free)
+    images, masks = frames.sample(np.random.default_rng(0), 4)
+    assert [bool(mask.any()) for mask in masks] == [True, False, True, False]
+    assert images[0].shape == (64, 64, 3)
+
+
+def test_training_with_video_frames(tmp_path: Path) -> None:
+    path = tmp_path / "trained.pt"
+
+    train_main(["--out", str(path), "--video-share", "0.5", "--videos", "1", *TINY_TRAINING, *TINY_POOL])
+
+    data = PolypDetector.load(path).metadata["training"]["data"]
+    assert "0.5 of each batch from 1 generated procedure videos (seeds 5000-5000, 15 fps)" in data
 
 
 @pytest.mark.parametrize(
@@ -675,6 +697,9 @@ def test_fine_tune_input_size_mismatch(tmp_path: Path) -> None:
         (["--data-dir", "kvasir", "--data-share", "1"], "data_share=1.0 is invalid"),
         (["--data-dir", "kvasir", "--data-share", "0.9", "--batch-size", "4"], "leaves 0 generated frames"),
         (["--data-dir", "kvasir", "--data-share", "0.1", "--batch-size", "4"], "at least 2 generated and 1 labelled"),
+        (["--video-share", "1"], "video_share=1.0 is invalid"),
+        (["--video-share", "0.5", "--videos", "0"], "videos=0 is invalid"),
+        (["--video-share", "0.25", "--batch-size", "4"], "gives 1 video and 3 generated frames"),
     ],
 )
 def test_train_command_rejects_data_options(tmp_path: Path, options: list[str], message: str) -> None:

@@ -24,7 +24,15 @@ head would otherwise see only one class. With ``--held-out-share`` the
 trainer uses only the training side of the sequence split that
 ``evaluate --data-dir --held-out-share`` scores, so evaluation stays held out
 when both get the same split options. ``--init-weights`` starts from a saved
-detector instead of a new network, to fine-tune it.
+detector instead of a new network, to fine-tune it, at its own input size or
+at another one (the U-Net and the presence head are fully convolutional).
+
+With ``--video-share`` a share of each batch comes from generated procedure
+videos instead: half are frames in which a polyp is coming into view (the
+first ``ENTERING_FRAMES`` frames of each run in which it is visible), half are
+polyp-free frames of the same videos. Frame pairs rarely show a polyp that
+only starts to cross the edge of the view, and those are the frames on which
+the time to first detection depends.
 
 Example::
 
@@ -35,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -50,7 +59,7 @@ import torch.nn.functional as functional
 from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
 from processors.detection.errors import ParameterError
 from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector
-from processors.detection.synth import SyntheticFrame, render_frame_pair
+from processors.detection.synth import SyntheticFrame, generate_procedure, render_frame_pair
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,66 @@ class TrainingConfig:
     presence_weight: float = 1.0
     data_share: float = 0.0
     """Share of each batch drawn from a labelled folder; 0 without one."""
+    video_share: float = 0.0
+    """Share of each batch drawn from generated procedure videos (``VideoFrames``)."""
+    videos: int = 20
+    """Generated procedure videos that ``video_share`` draws from."""
+    video_seed: int = 5000
+    """Seed of the first of those videos; the others follow it. Keep them apart from evaluation videos."""
+
+
+#: Frames from the start of each visible run of a polyp that count as the polyp coming into view.
+ENTERING_FRAMES = 10
+#: Share of the polyp-free frames of the videos kept for training.
+POLYP_FREE_SHARE = 0.1
+#: Length and frame rate of the training videos; 15 fps gives 4 to 5 polyps per video at half the cost of 30 fps.
+VIDEO_SECONDS = 20.0
+VIDEO_FPS = 15.0
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """Frames of generated procedure videos: polyps coming into view, and polyp-free frames."""
+
+    entering: list[tuple[np.ndarray, np.ndarray]]
+    """(image, mask) of the first ``ENTERING_FRAMES`` frames of each run in which a polyp is visible."""
+    polyp_free: list[tuple[np.ndarray, np.ndarray]]
+    """(image, mask) of about ``POLYP_FREE_SHARE`` of the frames without a visible polyp."""
+
+    @classmethod
+    def generate(cls, first_seed: int, videos: int, frame_size: int) -> VideoFrames:
+        """Generate ``videos`` procedure videos from ``first_seed`` on and keep their training frames."""
+        rng = np.random.default_rng(first_seed)
+        entering: list[tuple[np.ndarray, np.ndarray]] = []
+        polyp_free: list[tuple[np.ndarray, np.ndarray]] = []
+        for seed in range(first_seed, first_seed + videos):
+            run_start = None
+            for frame in generate_procedure(seed, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, size=frame_size):
+                if frame.polyp_present:
+                    run_start = frame.index if run_start is None else run_start
+                    if frame.index - run_start < ENTERING_FRAMES:
+                        entering.append((frame.image, frame.mask))
+                else:
+                    run_start = None
+                    if rng.random() < POLYP_FREE_SHARE:
+                        polyp_free.append((frame.image, frame.mask))
+        if not entering or not polyp_free:
+            raise ParameterError(
+                f"{videos} generated video(s) from seed {first_seed} gave {len(entering)} frames with a polyp "
+                f"coming into view and {len(polyp_free)} polyp-free frames; use more videos"
+            )
+        return cls(entering=entering, polyp_free=polyp_free)
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Draw ``count`` frames, half (rounded up) with a polyp coming into view, each flipped and jittered."""
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for index in range(count):
+            frames = self.entering if index % 2 == 0 else self.polyp_free
+            image, mask = augment(rng, *frames[int(rng.integers(len(frames)))])
+            images.append(image)
+            masks.append(mask)
+        return images, masks
 
 
 @dataclass(frozen=True)
@@ -239,6 +308,7 @@ def train(
     """
     _check_config(config)
     data_frames = data_frames_per_batch(config)
+    video_frames = video_frames_per_batch(config)
     if data_frames and data is None:
         raise ParameterError(f"data_share={config.data_share} needs labelled frames; pass --data-dir DIR")
     torch.manual_seed(config.seed)
@@ -246,10 +316,14 @@ def train(
     if init_weights is not None:
         detector = PolypDetector.load(init_weights)
         if detector.input_size != config.input_size:
-            raise ParameterError(
-                f"--init-weights {init_weights} has input size {detector.input_size}, not {config.input_size}; "
-                f"pass --input-size {detector.input_size}"
+            logger.info(
+                "fine-tuning at another input size init_weights=%s from=%d to=%d",
+                init_weights,
+                detector.input_size,
+                config.input_size,
             )
+            detector.config = dataclasses.replace(detector.config, input_size=config.input_size)
+            detector.input_size = config.input_size
         detector.version = version
     else:
         detector = PolypDetector.create(
@@ -269,14 +343,27 @@ def train(
     cpu_started = time.process_time()
     pool = FramePool(rng, config)
     logger.info("frame pool ready frames=%d seconds=%.1f", config.pool_size, time.perf_counter() - started)
+    videos = None
+    if video_frames:
+        videos = VideoFrames.generate(config.video_seed, config.videos, config.frame_size)
+        logger.info(
+            "video frames ready entering=%d polyp_free=%d seconds=%.1f",
+            len(videos.entering),
+            len(videos.polyp_free),
+            time.perf_counter() - started,
+        )
 
     running: dict[str, float] = {"dice": 0.0, "mask_bce": 0.0, "presence_bce": 0.0}
     for step in range(1, config.steps + 1):
-        images, masks = pool.sample(config.batch_size - data_frames)
+        images, masks = pool.sample(config.batch_size - data_frames - video_frames)
         if data is not None and data_frames:
             data_images, data_masks = data.sample(rng, data_frames)
             images += data_images
             masks += data_masks
+        if videos is not None:
+            video_images, video_masks = videos.sample(rng, video_frames)
+            images += video_images
+            masks += video_masks
         inputs = detector.preprocess(images)
         mask_target, presence_target = mask_targets(masks, config.input_size, detector.device)
 
@@ -304,7 +391,14 @@ def train(
     detector.network.eval()
     training = {
         "data": "synthetic frames from processors.detection.synth, generated during training"
-        + (f"; {config.data_share:g} of each batch from {data.source}" if data is not None and data_frames else ""),
+        + (f"; {config.data_share:g} of each batch from {data.source}" if data is not None and data_frames else "")
+        + (
+            f"; {config.video_share:g} of each batch from {config.videos} generated procedure videos (seeds"
+            f" {config.video_seed}-{config.video_seed + config.videos - 1}, {VIDEO_FPS:g} fps): polyps coming"
+            " into view and polyp-free frames"
+            if video_frames
+            else ""
+        ),
         "init_weights": init_weights.name if init_weights else None,
         "seed": config.seed,
         "steps": config.steps,
@@ -356,6 +450,11 @@ def data_frames_per_batch(config: TrainingConfig) -> int:
     return round(config.batch_size * config.data_share)
 
 
+def video_frames_per_batch(config: TrainingConfig) -> int:
+    """Return how many frames of each batch come from generated procedure videos."""
+    return round(config.batch_size * config.video_share)
+
+
 def _check_config(config: TrainingConfig) -> None:
     if config.steps < 1:
         raise ParameterError(f"steps={config.steps} is invalid; train for at least 1 step")
@@ -375,11 +474,21 @@ def _check_config(config: TrainingConfig) -> None:
             f"data_share={config.data_share} is invalid; use 0 to less than 1, because generated frames "
             "supply the polyp-free examples"
         )
-    generated = config.batch_size - data_frames_per_batch(config)
-    if config.data_share > 0 and (generated < 2 or generated == config.batch_size):
+    if not 0.0 <= config.video_share < 1.0:
+        raise ParameterError(f"video_share={config.video_share} is invalid; use 0 to less than 1")
+    if config.video_share > 0 and config.videos < 1:
+        raise ParameterError(f"videos={config.videos} is invalid; video_share needs at least 1 video")
+    data_frames, video_frames = data_frames_per_batch(config), video_frames_per_batch(config)
+    generated = config.batch_size - data_frames - video_frames
+    if config.data_share > 0 and (generated < 2 or data_frames == 0):
         raise ParameterError(
             f"data_share={config.data_share} with batch_size={config.batch_size} leaves {generated} generated "
             "frames per batch; each batch needs at least 2 generated and 1 labelled frame"
+        )
+    if config.video_share > 0 and (generated < 2 or video_frames < 2):
+        raise ParameterError(
+            f"video_share={config.video_share} with batch_size={config.batch_size} gives {video_frames} video and "
+            f"{generated} generated frames per batch; each batch needs at least 2 of each"
         )
 
 
@@ -486,6 +595,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sequence-map", type=Path, default=None, help="CSV of name,sequence for --data-dir frames (CVC-ClinicDB)"
     )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the sequence split (default 0)")
+    parser.add_argument(
+        "--video-share",
+        type=float,
+        default=defaults.video_share,
+        help="share of each batch taken from generated procedure videos: polyps coming into view and polyp-free"
+        " frames (default 0)",
+    )
+    parser.add_argument(
+        "--videos", type=int, default=defaults.videos, help=f"videos for --video-share (default {defaults.videos})"
+    )
+    parser.add_argument(
+        "--video-seed",
+        type=int,
+        default=defaults.video_seed,
+        help=f"seed of the first video for --video-share; keep it apart from evaluation videos"
+        f" (default {defaults.video_seed})",
+    )
     parser.add_argument("--version", default="0.1.0", help="model version stored in the weights file (default 0.1.0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-every", type=int, default=25, help="steps between progress lines (default 25)")
@@ -510,6 +636,9 @@ def main(argv: list[str] | None = None) -> None:
         pool_refresh=args.pool_refresh,
         presence_weight=args.presence_weight,
         data_share=args.data_share if args.data_dir is not None else 0.0,
+        video_share=args.video_share,
+        videos=args.videos,
+        video_seed=args.video_seed,
     )
     _check_config(config)
     data = None
