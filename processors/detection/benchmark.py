@@ -43,6 +43,7 @@ from aiokafka import AIOKafkaConsumer
 from crc_medai.kafka import create_producer, ensure_topics
 from crc_medai.services import start_service, stop_service
 from crc_medai.settings import REPO_ROOT, Settings, get_settings
+from processors.detection.errors import BenchmarkError
 from processors.detection.evaluate import track_frames
 from processors.detection.explain import GradCamExplainer
 from processors.detection.model import PolypDetector
@@ -591,7 +592,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="crc-medai benchmark-detection", description="Benchmark the detection model and pipeline."
     )
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of the generated video (default 20)")
+    # 60 s give about 12 polyp episodes; 20 s gave 4, too few for a stable median time to first detection.
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the generated video (default 60)")
     parser.add_argument("--fps", type=float, default=30.0, help="source frame rate fed through Kafka (default 30)")
     parser.add_argument("--seed", type=int, default=11, help="generator seed of the video (default 11)")
     parser.add_argument("--size", type=int, default=256, help="frame side in pixels (default 256)")
@@ -607,8 +609,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     base = get_settings()
     run_dir = base.output_dir / f"benchmark-detection-{run_id}"
+    # Without the registry the worker loads detection_model_path, the file that the bare model is timed on.
+    # With it, the worker would run the registry's champion, which may be another version.
     settings = base.model_copy(
-        update={"topic_prefix": f"bench-{run_id}.", "output_dir": run_dir, "heatmap_bucket": f"bench-{run_id}"}
+        update={
+            "topic_prefix": f"bench-{run_id}.",
+            "output_dir": run_dir,
+            "heatmap_bucket": f"bench-{run_id}",
+            "model_registry_enabled": False,
+        }
     )
     ensure_up(settings)
 
@@ -637,6 +646,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records = asyncio.run(run_pipeline(settings, video, len(frames), args.timeout))
     finally:
         stop_service(worker, "detection")
+    worker_models = sorted({f"{result.model.name} {result.model.version}" for result, _ in records.results})
+    if worker_models != [f"{detector.name} {detector.version}"]:
+        raise BenchmarkError(
+            f"the worker ran {', '.join(worker_models) or 'no model'}, not the timed {detector.name}"
+            f" {detector.version}; see {run_dir / 'logs' / 'detection.log'}"
+        )
     pipe = pipeline_figures(records, truth)
     pipe["tracker_tradeoff"] = tracker_tradeoff(records, truth, settings)
 

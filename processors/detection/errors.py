@@ -27,3 +27,7 @@ class ParameterError(DetectionError, ValueError):
 
 class VideoWriteError(DetectionError):
     """OpenCV could not open or write a video file."""
+
+
+class BenchmarkError(DetectionError):
+    """A benchmark run measured something other than it reports, so its figures are not written."""
