@@ -31,7 +31,7 @@ from processors.detection.explain import (
 )
 from processors.detection.model import NetworkConfig, PolypDetector
 from processors.detection.synth import generate_frame
-from processors.detection.train import LabelledData, TrainingConfig, VideoFrames, train
+from processors.detection.train import LabelledData, TrainingConfig, VideoFrames, compress, train
 from processors.detection.train import main as train_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -680,13 +680,32 @@ def test_video_frames_entering_and_polyp_free() -> None:
     assert images[0].shape == (64, 64, 3)
 
 
+def test_compress_share_zero_draws_nothing() -> None:
+    rng = np.random.default_rng(0)
+    images = [_frame(64, 64)]
+
+    assert compress(rng, images, 0.0) is images
+    assert rng.random() == np.random.default_rng(0).random()
+
+
+def test_compress_share_one_changes_frames() -> None:
+    image = _frame(64, 64)
+
+    (compressed,) = compress(np.random.default_rng(0), [image], 1.0)
+
+    assert compressed.shape == image.shape
+    assert compressed.dtype == np.uint8
+    assert not np.array_equal(compressed, image)
+
+
 def test_training_with_video_frames(tmp_path: Path) -> None:
     path = tmp_path / "trained.pt"
 
     train_main(["--out", str(path), "--video-share", "0.5", "--videos", "1", *TINY_TRAINING, *TINY_POOL])
 
-    data = PolypDetector.load(path).metadata["training"]["data"]
-    assert "0.5 of each batch from 1 generated procedure videos (seeds 5000-5000, 15 fps)" in data
+    training = PolypDetector.load(path).metadata["training"]
+    assert "0.5 of each batch from 1 generated procedure videos (seeds 5000-5000, 15 fps)" in training["data"]
+    assert training["compression_share"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -698,6 +717,7 @@ def test_training_with_video_frames(tmp_path: Path) -> None:
         (["--data-dir", "kvasir", "--data-share", "0.9", "--batch-size", "4"], "leaves 0 generated frames"),
         (["--data-dir", "kvasir", "--data-share", "0.1", "--batch-size", "4"], "at least 2 generated and 1 labelled"),
         (["--video-share", "1"], "video_share=1.0 is invalid"),
+        (["--compression-share", "1.5"], "compression_share=1.5 is invalid"),
         (["--video-share", "0.5", "--videos", "0"], "videos=0 is invalid"),
         (["--video-share", "0.25", "--batch-size", "4"], "gives 1 video and 3 generated frames"),
     ],

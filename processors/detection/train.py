@@ -86,6 +86,13 @@ class TrainingConfig:
     """Generated procedure videos that ``video_share`` draws from."""
     video_seed: int = 5000
     """Seed of the first of those videos; the others follow it. Keep them apart from evaluation videos."""
+    compression_share: float = 0.0
+    """Share of training frames compressed as JPEG at a random quality (``JPEG_QUALITIES``)."""
+
+
+#: JPEG qualities, lowest and highest, of the frames that ``compression_share`` compresses. Streams and
+#: recordings reach the detector compressed; an MPEG-4 video written by OpenCV loses more detail than quality 90.
+JPEG_QUALITIES = (20, 90)
 
 
 #: Frames from the start of each visible run of a polyp that count as the polyp coming into view.
@@ -199,6 +206,23 @@ class LabelledData:
             images.append(image)
             masks.append(mask)
         return images, masks
+
+
+def compress(rng: np.random.Generator, images: list[np.ndarray], share: float) -> list[np.ndarray]:
+    """Return the images, each JPEG-compressed and decoded again with probability ``share``.
+
+    With a share of 0 the generator is not drawn from, so older training runs stay reproducible.
+    """
+    if share <= 0:
+        return images
+    compressed = []
+    for image in images:
+        if rng.random() < share:
+            quality = int(rng.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1))
+            _, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        compressed.append(image)
+    return compressed
 
 
 def augment(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,6 +388,7 @@ def train(
             video_images, video_masks = videos.sample(rng, video_frames)
             images += video_images
             masks += video_masks
+        images = compress(rng, images, config.compression_share)
         inputs = detector.preprocess(images)
         mask_target, presence_target = mask_targets(masks, config.input_size, detector.device)
 
@@ -408,6 +433,7 @@ def train(
         "frame_size": config.frame_size,
         "pool_size": config.pool_size,
         "pool_refresh": config.pool_refresh,
+        "compression_share": config.compression_share,
         "frames": "pairs of the same scene with and without polyps",
         "encoder_weights": encoder_weights.name if encoder_weights else None,
         "seconds": round(elapsed, 1),
@@ -474,6 +500,8 @@ def _check_config(config: TrainingConfig) -> None:
             f"data_share={config.data_share} is invalid; use 0 to less than 1, because generated frames "
             "supply the polyp-free examples"
         )
+    if not 0.0 <= config.compression_share <= 1.0:
+        raise ParameterError(f"compression_share={config.compression_share} is invalid; use 0 to 1")
     if not 0.0 <= config.video_share < 1.0:
         raise ParameterError(f"video_share={config.video_share} is invalid; use 0 to less than 1")
     if config.video_share > 0 and config.videos < 1:
@@ -603,6 +631,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         " frames (default 0)",
     )
     parser.add_argument(
+        "--compression-share",
+        type=float,
+        default=defaults.compression_share,
+        help=f"share of training frames JPEG-compressed at quality {JPEG_QUALITIES[0]}-{JPEG_QUALITIES[1]} (default 0)",
+    )
+    parser.add_argument(
         "--videos", type=int, default=defaults.videos, help=f"videos for --video-share (default {defaults.videos})"
     )
     parser.add_argument(
@@ -639,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         video_share=args.video_share,
         videos=args.videos,
         video_seed=args.video_seed,
+        compression_share=args.compression_share,
     )
     _check_config(config)
     data = None
