@@ -300,7 +300,7 @@ def test_gradcam_unknown_target(detector: PolypDetector) -> None:
 
 
 def test_gradcam_points_at_polyps(detector: PolypDetector) -> None:
-    # The Grad-CAM layer is 16 x 16 at input size 128, so the heatmap is coarse,
+    # The Grad-CAM layer is 20 x 20 at input size 160, so the heatmap is coarse,
     # but the polyp area should be hotter on average than the rest.
     rng = np.random.default_rng(77)
     inside_higher = 0
