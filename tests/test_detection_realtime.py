@@ -287,6 +287,33 @@ def test_finding_published_before_its_heatmap(pipeline_settings: Settings) -> No
 
 
 @pytest.mark.integration
+def test_failed_heatmap_rejects_frame_only(
+    pipeline_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 1})
+    pipeline = DetectionPipeline(settings)
+
+    def fail(image: np.ndarray) -> None:
+        raise RuntimeError("Grad-CAM failed")
+
+    monkeypatch.setattr(pipeline.explainer, "explain", fail)
+    start = utc_now()
+    frames = [jpeg_frame(index, start + timedelta(milliseconds=33 * index)) for index in range(2)]
+
+    detected = pipeline.detect_batch([frame.to_bytes() for frame in frames])
+    with caplog.at_level(logging.ERROR, logger="processors.detection.realtime"):
+        output = pipeline.explain_batch(detected)
+    pipeline.close()
+
+    # Frame 0 was within the heatmap rate, so its failed heatmap rejects it; frame 1 was not.
+    assert [type(outcome).__name__ for outcome in output.outcomes] == ["RuntimeError", "DetectionResult"]
+    assert output.outcomes[1].heatmap_key is None
+    assert [finding.status for finding in detected.confirmed] == ["open"]
+    assert output.findings == []
+    assert any("publishing it without a heatmap" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.integration
 def test_finding_with_heatmap_published_once(pipeline_settings: Settings) -> None:
     settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 2})
     pipeline = DetectionPipeline(settings)
