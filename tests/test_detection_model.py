@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -193,6 +194,24 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(WeightsFileError, match="not found"):
         PolypDetector.load(tmp_path / "absent.pt")
+
+
+def test_load_folder(tmp_path: Path) -> None:
+    with pytest.raises(WeightsFileError, match="is a folder; pass the .pt file inside it"):
+        PolypDetector.load(tmp_path)
+
+
+def test_load_pickle_error_one_line(tmp_path: Path) -> None:
+    # A pickle that weights_only loading rejects: torch's message goes on with advice that does not apply.
+    path = tmp_path / "object.pt"
+    torch.save({"model": SimpleNamespace(a=1)}, path)
+
+    with pytest.raises(WeightsFileError) as error:
+        PolypDetector.load(path)
+
+    assert "could not be read as a torch file" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert "weights_only" not in str(error.value).split("); pass")[1]
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", b"hello"])
@@ -616,8 +635,9 @@ def test_training_on_labelled_folder(tmp_path: Path) -> None:
     train_main(["--out", str(path), "--data-dir", str(tmp_path / "kvasir"), *TINY_TRAINING, *TINY_POOL])
 
     training = PolypDetector.load(path).metadata["training"]
-    assert "0.5 of each batch from kvasir: 3 frames" in training["data"]
+    assert "2 of 4 frames of each batch from kvasir: 3 frames" in training["data"]
     assert training["init_weights"] is None
+    assert training["init_training"] is None
 
 
 def test_labelled_training_side_disjoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -633,9 +653,25 @@ def test_labelled_training_side_disjoint(tmp_path: Path, capsys: pytest.CaptureF
     assert len(data.names) == 6
     assert len(held_out) == 2
     assert not held_out & set(data.names)
-    assert "training side 6 frames of 3 sequences" in data.source
+    assert "sequence map sequences.csv, training side 6 frames of 3 sequences" in data.source
     assert data.images[0].shape == (64, 64, 3)
     assert set(np.unique(data.masks[0])) <= {0, 255}
+
+
+def test_labelled_masks_all_empty(tmp_path: Path) -> None:
+    # Masks stored as 0 and 1 read as empty, because polyp pixels are those above 127.
+    _write_kvasir_folder(tmp_path / "kvasir", ["a", "b"])
+    for mask_path in (tmp_path / "kvasir" / "masks").iterdir():
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(mask_path), (mask > 127).astype(np.uint8))
+
+    with pytest.raises(DatasetLayoutError, match="every mask of the 2 frames .* is empty"):
+        LabelledData.load(tmp_path / "kvasir", 64)
+
+
+def test_split_leaving_no_training_side() -> None:
+    with pytest.raises(DatasetLayoutError, match="held-out share 0.99 of 2 sequences .* cannot be split"):
+        split_by_sequence(["a", "b"], 0.99)
 
 
 def test_training_fine_tunes_saved_weights(tmp_path: Path) -> None:
@@ -648,6 +684,7 @@ def test_training_fine_tunes_saved_weights(tmp_path: Path) -> None:
     before, after = PolypDetector.load(start), PolypDetector.load(tuned)
     assert after.version == "0.0.2"
     assert after.metadata["training"]["init_weights"] == "start.pt"
+    assert after.metadata["training"]["init_training"] == before.metadata["training"]
     changed = [
         name
         for name, tensor in after.network.state_dict().items()
@@ -704,18 +741,26 @@ def test_training_with_video_frames(tmp_path: Path) -> None:
     train_main(["--out", str(path), "--video-share", "0.5", "--videos", "1", *TINY_TRAINING, *TINY_POOL])
 
     training = PolypDetector.load(path).metadata["training"]
-    assert "0.5 of each batch from 1 generated procedure videos (seeds 5000-5000, 15 fps)" in training["data"]
+    assert "2 of 4 frames of each batch from 1 generated procedure videos (seeds 5000-5000, 15 fps)" in training["data"]
     assert training["compression_share"] == 0.0
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--held-out-share", "0.2"], "apply to --data-dir only"),
+        (["--held-out-share", "0.2"], "--held-out-share applies to --data-dir DIR only"),
         (["--init-weights", "a.pt", "--encoder-weights", "b.pt"], "pass only one of them"),
         (["--data-dir", "kvasir", "--data-share", "1"], "data_share=1.0 is invalid"),
-        (["--data-dir", "kvasir", "--data-share", "0.9", "--batch-size", "4"], "leaves 0 generated frames"),
-        (["--data-dir", "kvasir", "--data-share", "0.1", "--batch-size", "4"], "at least 2 generated and 1 labelled"),
+        (["--data-dir", "kvasir", "--data-share", "0.9", "--batch-size", "4"], "gives 4 labelled and 0 generated"),
+        (["--data-dir", "kvasir", "--data-share", "0.1", "--batch-size", "4"], "gives 0 labelled and 4 generated"),
+        (["--data-dir", "kvasir", "--data-share", "0"], "would leave --data-dir unused"),
+        (["--data-share", "0.5"], "--data-share applies to --data-dir DIR only"),
+        (["--data-dir", "kvasir", "--split-seed", "1"], "--split-seed applies to --held-out-share F only"),
+        (["--data-dir", "kvasir", "--held-out-share", "0.5", "--split-seed", "-1"], "--split-seed=-1 is invalid"),
+        (["--videos", "3"], "--videos applies to --video-share F only"),
+        (["--video-share", "0.5", "--video-seed", "-1"], "video_seed=-1 is invalid"),
+        (["--video-share", "0.5", "--videos", "100000"], "videos=100000 is invalid"),
+        (["--init-weights", "a.pt", "--input-size", "48"], "input_size=48 is invalid"),
         (["--video-share", "1"], "video_share=1.0 is invalid"),
         (["--compression-share", "1.5"], "compression_share=1.5 is invalid"),
         (["--video-share", "0.5", "--videos", "0"], "videos=0 is invalid"),

@@ -195,5 +195,12 @@ def split_by_sequence(sequences: Sequence[str], held_out_share: float, seed: int
             f"the data set has {len(set(sequences))} sequence(s); a split needs at least 2, one for each side"
         )
     splitter = GroupShuffleSplit(n_splits=1, test_size=held_out_share, random_state=seed)
-    training, held_out = next(splitter.split(np.zeros(len(sequences)), groups=list(sequences)))
+    try:
+        training, held_out = next(splitter.split(np.zeros(len(sequences)), groups=list(sequences)))
+    except ValueError as error:
+        # scikit-learn rejects a share that leaves one side without any sequence, and seeds outside 0 to 2**32 - 1.
+        raise DatasetLayoutError(
+            f"held-out share {held_out_share} of {len(set(sequences))} sequences with split seed {seed} cannot be "
+            f"split ({error}); use a share that leaves sequences on both sides and a seed from 0 to 4294967295"
+        ) from error
     return sorted(int(index) for index in training), sorted(int(index) for index in held_out)

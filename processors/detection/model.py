@@ -193,6 +193,8 @@ class PolypDetector:
                 format, or its tensors do not fit the stored architecture.
         """
         path = Path(path)
+        if path.is_dir():
+            raise WeightsFileError(f"weights file {path} is a folder; pass the .pt file inside it")
         if not path.is_file():
             raise WeightsFileError(
                 f"weights file {path} not found; train one with `crc-medai train-detection --out {path}`"
@@ -201,8 +203,8 @@ class PolypDetector:
             checkpoint = torch.load(path, map_location=device, weights_only=True)
         except TORCH_LOAD_ERRORS as error:
             raise WeightsFileError(
-                f"weights file {path} could not be read as a torch file ({type(error).__name__}: {error}); "
-                "pass a file written by `crc-medai train-detection`"
+                f"weights file {path} could not be read as a torch file ({type(error).__name__}: "
+                f"{_first_line(error)}); pass a file written by `crc-medai train-detection`"
             ) from error
 
         _check_checkpoint(checkpoint, path)
@@ -306,6 +308,12 @@ class PolypDetector:
             mask = full_size >= MASK_THRESHOLD
             predictions.append(Prediction(probability=float(probability), mask=mask, region=largest_region(mask)))
         return predictions
+
+
+def _first_line(error: BaseException) -> str:
+    """Return the first line of an error's message; torch's unpickling errors go on with advice that does not apply."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 _CHECKPOINT_KEYS = frozenset(

@@ -49,6 +49,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as functional
 
 from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
-from processors.detection.errors import ParameterError
+from processors.detection.errors import DatasetLayoutError, ParameterError
 from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector
 from processors.detection.synth import SyntheticFrame, generate_procedure, render_frame_pair
 
@@ -95,6 +96,13 @@ class TrainingConfig:
 JPEG_QUALITIES = (20, 90)
 
 
+#: Share of each batch from ``--data-dir`` when ``--data-share`` is not given.
+DEFAULT_DATA_SHARE = 0.5
+#: Largest seed numpy's generators take.
+MAX_SEED = 2**32 - 1
+#: Most videos ``video_share`` may generate; each takes a few seconds and its kept frames stay in memory.
+MAX_VIDEOS = 500
+
 #: Frames from the start of each visible run of a polyp that count as the polyp coming into view.
 ENTERING_FRAMES = 10
 #: Share of the polyp-free frames of the videos kept for training.
@@ -120,6 +128,8 @@ class VideoFrames:
         entering: list[tuple[np.ndarray, np.ndarray]] = []
         polyp_free: list[tuple[np.ndarray, np.ndarray]] = []
         for seed in range(first_seed, first_seed + videos):
+            if seed > first_seed and (seed - first_seed) % 5 == 0:
+                logger.info("generating training videos done=%d of=%d", seed - first_seed, videos)
             run_start = None
             for frame in generate_procedure(seed, seconds=VIDEO_SECONDS, fps=VIDEO_FPS, size=frame_size):
                 if frame.polyp_present:
@@ -183,9 +193,16 @@ class LabelledData:
             sequences = frame_sequences(root, [frame.name for frame in frames], mapping)
             training, _ = split_by_sequence(sequences, held_out_share, split_seed)
             frames = [frames[index] for index in training]
+            if sequence_map is not None:
+                source += f", sequence map {sequence_map.name}"
             source += (
                 f", training side {len(frames)} frames of {len({sequences[index] for index in training})}"
                 f" sequences, held-out share {held_out_share}, split seed {split_seed}"
+            )
+        if frames and not any(frame.mask.any() for frame in frames):
+            raise DatasetLayoutError(
+                f"every mask of the {len(frames)} frames in {root} is empty (no pixel above 127); masks must be 255 "
+                "on polyp pixels, so scale masks stored as 0 and 1 by 255"
             )
         size = (frame_size, frame_size)
         return cls(
@@ -337,8 +354,10 @@ def train(
         raise ParameterError(f"data_share={config.data_share} needs labelled frames; pass --data-dir DIR")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    init_training = None
     if init_weights is not None:
         detector = PolypDetector.load(init_weights)
+        init_training = detector.metadata.get("training")
         if detector.input_size != config.input_size:
             logger.info(
                 "fine-tuning at another input size init_weights=%s from=%d to=%d",
@@ -416,15 +435,22 @@ def train(
     detector.network.eval()
     training = {
         "data": "synthetic frames from processors.detection.synth, generated during training"
-        + (f"; {config.data_share:g} of each batch from {data.source}" if data is not None and data_frames else "")
         + (
-            f"; {config.video_share:g} of each batch from {config.videos} generated procedure videos (seeds"
+            f"; {data_frames} of {config.batch_size} frames of each batch from {data.source}"
+            if data is not None and data_frames
+            else ""
+        )
+        + (
+            f"; {video_frames} of {config.batch_size} frames of each batch from {config.videos} generated procedure"
+            f" videos (seeds"
             f" {config.video_seed}-{config.video_seed + config.videos - 1}, {VIDEO_FPS:g} fps): polyps coming"
             " into view and polyp-free frames"
             if video_frames
             else ""
         ),
         "init_weights": init_weights.name if init_weights else None,
+        # The starting model's own record, so a fine-tuned model's metadata names all of its training data.
+        "init_training": init_training,
         "seed": config.seed,
         "steps": config.steps,
         "batch_size": config.batch_size,
@@ -500,18 +526,24 @@ def _check_config(config: TrainingConfig) -> None:
             f"data_share={config.data_share} is invalid; use 0 to less than 1, because generated frames "
             "supply the polyp-free examples"
         )
+    if config.input_size % 32 != 0 or config.input_size < 32:
+        raise ParameterError(f"input_size={config.input_size} is invalid; use a multiple of 32 such as 128 or 160")
     if not 0.0 <= config.compression_share <= 1.0:
         raise ParameterError(f"compression_share={config.compression_share} is invalid; use 0 to 1")
     if not 0.0 <= config.video_share < 1.0:
         raise ParameterError(f"video_share={config.video_share} is invalid; use 0 to less than 1")
-    if config.video_share > 0 and config.videos < 1:
-        raise ParameterError(f"videos={config.videos} is invalid; video_share needs at least 1 video")
+    if config.video_share > 0 and not 1 <= config.videos <= MAX_VIDEOS:
+        raise ParameterError(f"videos={config.videos} is invalid; use 1 to {MAX_VIDEOS} videos with video_share")
+    if config.video_share > 0 and not 0 <= config.video_seed <= MAX_SEED - config.videos:
+        raise ParameterError(
+            f"video_seed={config.video_seed} is invalid; use 0 to {MAX_SEED - config.videos} for {config.videos} videos"
+        )
     data_frames, video_frames = data_frames_per_batch(config), video_frames_per_batch(config)
     generated = config.batch_size - data_frames - video_frames
     if config.data_share > 0 and (generated < 2 or data_frames == 0):
         raise ParameterError(
-            f"data_share={config.data_share} with batch_size={config.batch_size} leaves {generated} generated "
-            "frames per batch; each batch needs at least 2 generated and 1 labelled frame"
+            f"data_share={config.data_share} with batch_size={config.batch_size} gives {data_frames} labelled and "
+            f"{generated} generated frames per batch; each batch needs at least 1 labelled and 2 generated frames"
         )
     if config.video_share > 0 and (generated < 2 or video_frames < 2):
         raise ParameterError(
@@ -532,8 +564,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ParameterError(
             "--init-weights and --encoder-weights both set the starting weights; pass only one of them"
         )
-    if args.data_dir is None and (args.held_out_share is not None or args.sequence_map is not None):
-        raise ParameterError("--held-out-share and --sequence-map apply to --data-dir only; pass --data-dir DIR")
+    _reject_unused(args, "data_dir", "--data-dir DIR", ["data_share", "held_out_share"])
+    if args.data_share is not None and args.data_share == 0:
+        raise ParameterError("--data-share=0 would leave --data-dir unused; use a share above 0, such as 0.5")
+    _reject_unused(args, "held_out_share", "--held-out-share F", ["sequence_map", "split_seed"])
+    _reject_unused(args, "video_share", "--video-share F", ["videos", "video_seed"])
+    if args.split_seed is not None and not 0 <= args.split_seed <= MAX_SEED:
+        raise ParameterError(f"--split-seed={args.split_seed} is invalid; use 0 to {MAX_SEED}")
     if args.out.is_dir():
         raise ParameterError(
             f"--out {args.out} is a folder; name the weights file to write, such as {args.out / 'model.pt'}"
@@ -541,6 +578,16 @@ def _check_args(args: argparse.Namespace) -> None:
     parent = next((folder for folder in args.out.parents if folder.exists()), None)
     if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
         raise ParameterError(f"--out {args.out} cannot be written: {parent} is not a writable folder")
+
+
+def _reject_unused(args: argparse.Namespace, needed: str, needed_option: str, dependents: list[str]) -> None:
+    """Reject each option of ``dependents`` that was given without the option it applies to."""
+    if getattr(args, needed) is not None:
+        return
+    for name in dependents:
+        if getattr(args, name) is not None:
+            option = "--" + name.replace("_", "-")
+            raise ParameterError(f"{option} applies to {needed_option} only; pass {needed_option} or drop {option}")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -610,8 +657,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data-share",
         type=float,
-        default=0.5,
-        help="share of each batch taken from --data-dir; the rest is generated (default 0.5)",
+        default=None,
+        help=f"share of each batch taken from --data-dir; the rest is generated (default {DEFAULT_DATA_SHARE})",
     )
     parser.add_argument(
         "--held-out-share",
@@ -622,11 +669,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sequence-map", type=Path, default=None, help="CSV of name,sequence for --data-dir frames (CVC-ClinicDB)"
     )
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the sequence split (default 0)")
+    parser.add_argument("--split-seed", type=int, default=None, help="seed of the sequence split (default 0)")
     parser.add_argument(
         "--video-share",
         type=float,
-        default=defaults.video_share,
+        default=None,
         help="share of each batch taken from generated procedure videos: polyps coming into view and polyp-free"
         " frames (default 0)",
     )
@@ -637,12 +684,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"share of training frames JPEG-compressed at quality {JPEG_QUALITIES[0]}-{JPEG_QUALITIES[1]} (default 0)",
     )
     parser.add_argument(
-        "--videos", type=int, default=defaults.videos, help=f"videos for --video-share (default {defaults.videos})"
+        "--videos", type=int, default=None, help=f"videos for --video-share (default {defaults.videos})"
     )
     parser.add_argument(
         "--video-seed",
         type=int,
-        default=defaults.video_seed,
+        default=None,
         help=f"seed of the first video for --video-share; keep it apart from evaluation videos"
         f" (default {defaults.video_seed})",
     )
@@ -652,11 +699,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parse_args(argv)
     _check_args(args)
+    defaults = TrainingConfig()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = TrainingConfig(
@@ -669,10 +721,10 @@ def main(argv: list[str] | None = None) -> None:
         pool_size=args.pool_size,
         pool_refresh=args.pool_refresh,
         presence_weight=args.presence_weight,
-        data_share=args.data_share if args.data_dir is not None else 0.0,
-        video_share=args.video_share,
-        videos=args.videos,
-        video_seed=args.video_seed,
+        data_share=_given(args.data_share, DEFAULT_DATA_SHARE) if args.data_dir is not None else 0.0,
+        video_share=_given(args.video_share, defaults.video_share),
+        videos=_given(args.videos, defaults.videos),
+        video_seed=_given(args.video_seed, defaults.video_seed),
         compression_share=args.compression_share,
     )
     _check_config(config)
@@ -683,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
             config.frame_size,
             held_out_share=args.held_out_share,
             sequence_map=args.sequence_map,
-            split_seed=args.split_seed,
+            split_seed=_given(args.split_seed, 0),
         )
         logger.info("labelled frames loaded source=%s", data.source)
     logger.info(
