@@ -345,7 +345,7 @@ def train(
 
     Args:
         data: Labelled frames that make up ``config.data_share`` of each batch.
-        init_weights: A weights file to fine-tune instead of a new network; its input size is kept.
+        init_weights: A weights file to fine-tune instead of a new network, at ``config.input_size``.
     """
     _check_config(config)
     data_frames = data_frames_per_batch(config)
@@ -442,9 +442,8 @@ def train(
         )
         + (
             f"; {video_frames} of {config.batch_size} frames of each batch from {config.videos} generated procedure"
-            f" videos (seeds"
-            f" {config.video_seed}-{config.video_seed + config.videos - 1}, {VIDEO_FPS:g} fps): polyps coming"
-            " into view and polyp-free frames"
+            f" videos (seeds {config.video_seed}-{config.video_seed + config.videos - 1}, {VIDEO_FPS:g} fps):"
+            " polyps coming into view and polyp-free frames"
             if video_frames
             else ""
         ),
