@@ -496,8 +496,8 @@ def _tradeoff_lines(rows: list[dict[str, Any]], configured: int) -> list[str]:
         return []
     return [
         "The tracker replayed over the same published results with other numbers of flagged frames to open a",
-        "finding. The timestamp of the result of the frame that opened a finding is used as the finding's own;",
-        "the worker sends a finding before the batch's heatmaps and results, so the configured row can be later",
+        "finding. The timestamp of the result of the frame that opened a finding is used as the finding's own.",
+        "The worker sends a finding before the batch's heatmaps and results, so the configured row can be later",
         "than the time to first detection above:",
         "",
         "| flagged frames to open | findings | findings on no episode | episodes detected |"

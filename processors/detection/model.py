@@ -73,14 +73,19 @@ class NetworkConfig:
     learning rate 3e-3, so "avg" is the default."""
 
 
+def check_input_size(input_size: int) -> None:
+    """Raise ``ParameterError`` unless ``input_size`` is a positive multiple of 32, the U-Net's total stride."""
+    if input_size < 32 or input_size % 32 != 0:
+        raise ParameterError(
+            f"input_size={input_size} is invalid: the U-Net needs a multiple of 32, such as 128, 160 or 256"
+        )
+
+
 def build_network(config: NetworkConfig) -> smp.Unet:
     """Build an untrained U-Net with one mask channel and one presence logit."""
     if config.presence_pooling not in ("max", "avg"):
         raise ParameterError(f"presence_pooling={config.presence_pooling!r} is invalid; use 'max' or 'avg'")
-    if config.input_size % 32 != 0:
-        raise ParameterError(
-            f"input_size={config.input_size} is not a multiple of 32, which the U-Net needs; use for example 224 or 256"
-        )
+    check_input_size(config.input_size)
     return smp.Unet(
         encoder_name=config.encoder,
         encoder_weights=None,
@@ -311,7 +316,7 @@ class PolypDetector:
 
 
 def _first_line(error: BaseException) -> str:
-    """Return the first line of an error's message; torch's unpickling errors go on with advice that does not apply."""
+    """Return the first line of an error's message, because torch's unpickling errors go on with unsafe advice."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
 

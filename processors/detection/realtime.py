@@ -258,11 +258,11 @@ class DetectionPipeline:
             return batch
 
     def explain_batch(self, batch: DetectedBatch) -> BatchOutput:
-        """Compute the batch's heatmaps; return its results and the finding events still to publish.
+        """Compute the batch's heatmaps and return its results and the finding events still to publish.
 
         Those are the ``open`` events that ``batch.confirmed`` gave without a
         heatmap, now with it, and every other event. A frame whose heatmap fails
-        is rejected alone; a finding whose heatmap fails is published without one.
+        is rejected alone. A finding whose heatmap fails is published without one.
         """
         with self._lock:
             explained: dict[FrameId, dict[str, str] | Exception] = {}
@@ -287,7 +287,6 @@ class DetectionPipeline:
                     elif heatmap is not None:
                         outcome = outcome.model_copy(update=heatmap)
                 outcomes.append(outcome)
-            self._forget_frames()
             return BatchOutput(outcomes=outcomes, findings=findings)
 
     def close_idle(self) -> list[PolypFinding]:
@@ -410,10 +409,10 @@ class DetectionPipeline:
         self.tracker.attach_heatmap(frame.procedure_id, frame.sequence, **heatmap)
         return heatmap
 
-    def _try_explain(self, kept: _KeptFrame) -> dict[str, str] | Exception:
+    def _try_explain(self, kept_frame: _KeptFrame) -> dict[str, str] | Exception:
         """Return ``_explain``'s fields for a kept frame, or the error that stopped it."""
         try:
-            return self._explain(kept.frame, kept.image)
+            return self._explain(kept_frame.frame, kept_frame.image)
         except Exception as exc:  # noqa: BLE001 - the caller decides what a failed heatmap rejects
             return exc
 

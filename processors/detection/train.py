@@ -59,7 +59,7 @@ import torch.nn.functional as functional
 
 from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
 from processors.detection.errors import DatasetLayoutError, ParameterError
-from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector
+from processors.detection.model import DEFAULT_INPUT_SIZE, NetworkConfig, PolypDetector, check_input_size
 from processors.detection.synth import SyntheticFrame, generate_procedure, render_frame_pair
 
 logger = logging.getLogger(__name__)
@@ -80,19 +80,19 @@ class TrainingConfig:
     pool_refresh: int = 4
     presence_weight: float = 1.0
     data_share: float = 0.0
-    """Share of each batch drawn from a labelled folder; 0 without one."""
+    """Share of each batch drawn from a labelled folder, 0 without one."""
     video_share: float = 0.0
     """Share of each batch drawn from generated procedure videos (``VideoFrames``)."""
     videos: int = 20
     """Generated procedure videos that ``video_share`` draws from."""
     video_seed: int = 5000
-    """Seed of the first of those videos; the others follow it. Keep them apart from evaluation videos."""
+    """Seed of the first of those videos, which follow it in order. Keep them apart from evaluation videos."""
     compression_share: float = 0.0
     """Share of training frames compressed as JPEG at a random quality (``JPEG_QUALITIES``)."""
 
 
-#: JPEG qualities, lowest and highest, of the frames that ``compression_share`` compresses. Streams and
-#: recordings reach the detector compressed; an MPEG-4 video written by OpenCV loses more detail than quality 90.
+#: JPEG qualities, lowest and highest, of the frames that ``compression_share`` compresses. Frames reach the
+#: detector as JPEG, often after a lossy video file such as the benchmark's MPEG-4 one.
 JPEG_QUALITIES = (20, 90)
 
 
@@ -100,14 +100,14 @@ JPEG_QUALITIES = (20, 90)
 DEFAULT_DATA_SHARE = 0.5
 #: Largest seed numpy's generators take.
 MAX_SEED = 2**32 - 1
-#: Most videos ``video_share`` may generate; each takes a few seconds and its kept frames stay in memory.
+#: Maximum videos ``video_share`` may generate. Each took about 3 s here, and its kept frames stay in memory.
 MAX_VIDEOS = 500
 
 #: Frames from the start of each visible run of a polyp that count as the polyp coming into view.
 ENTERING_FRAMES = 10
 #: Share of the polyp-free frames of the videos kept for training.
 POLYP_FREE_SHARE = 0.1
-#: Length and frame rate of the training videos; 15 fps gives 4 to 5 polyps per video at half the cost of 30 fps.
+#: Length and frame rate of the training videos. A 20 s video shows about 4 polyps, and 15 fps halves the cost of 30.
 VIDEO_SECONDS = 20.0
 VIDEO_FPS = 15.0
 
@@ -525,8 +525,7 @@ def _check_config(config: TrainingConfig) -> None:
             f"data_share={config.data_share} is invalid; use 0 to less than 1, because generated frames "
             "supply the polyp-free examples"
         )
-    if config.input_size % 32 != 0 or config.input_size < 32:
-        raise ParameterError(f"input_size={config.input_size} is invalid; use a multiple of 32 such as 128 or 160")
+    check_input_size(config.input_size)
     if not 0.0 <= config.compression_share <= 1.0:
         raise ParameterError(f"compression_share={config.compression_share} is invalid; use 0 to 1")
     if not 0.0 <= config.video_share < 1.0:
@@ -699,6 +698,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _given(value: Any, default: Any) -> Any:
+    """Return an option's value, or ``default`` when the option was not given."""
     return default if value is None else value
 
 
