@@ -79,7 +79,8 @@ FRAMES_SKIPPED = Counter(
 )
 HEATMAPS = Counter(
     "crc_heatmaps",
-    "Grad-CAM heatmaps of flagged frames by outcome (computed, rate_limited: over the per-procedure rate).",
+    "Grad-CAM heatmaps of flagged frames by outcome (computed; rate_limited: over the per-procedure rate; "
+    "unconfirmed: the frame belongs to no finding yet).",
     ["outcome"],
 )
 FHIR_DELIVERIES = Counter(
@@ -304,7 +305,7 @@ def record_frame_skipped(reason: str) -> None:
 
 
 def record_heatmap(outcome: str) -> None:
-    """Count one flagged frame's heatmap by ``outcome``: ``computed`` or ``rate_limited``."""
+    """Count one flagged frame's heatmap by ``outcome``: ``computed``, ``rate_limited`` or ``unconfirmed``."""
     HEATMAPS.labels(outcome=outcome).inc()
 
 

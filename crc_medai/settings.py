@@ -136,7 +136,10 @@ class Settings(BaseSettings):
         "for example to replay a recorded video faster than real time.",
     )
     detection_heatmaps_per_s: float = Field(
-        default=2.0, ge=0, description="Maximum Grad-CAM heatmaps per second per procedure, findings' frames excluded."
+        default=2.0,
+        ge=0,
+        description="Maximum Grad-CAM heatmaps per second per procedure for flagged frames of findings, "
+        "findings' representative frames excluded.",
     )
     detection_track_max_gap_s: float = Field(
         default=1.0, gt=0, description="Capture-time gap without a flagged frame that one finding tolerates (s)."

@@ -21,7 +21,13 @@ from crc_medai.kafka import Record, collect_records, create_producer, ensure_top
 from crc_medai.logs import pseudonym
 from crc_medai.settings import Settings
 from crc_medai.storage import create_minio
-from processors.detection.benchmark import PipelineRecords, percentile, pipeline_figures, tracker_tradeoff
+from processors.detection.benchmark import (
+    PipelineRecords,
+    percentile,
+    pipeline_figures,
+    render_page,
+    tracker_tradeoff,
+)
 from processors.detection.realtime import (
     DetectionPipeline,
     FrameDecodeError,
@@ -313,23 +319,37 @@ def test_failed_heatmap_rejects_frame_only(
     assert any("publishing it without a heatmap" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.integration
-def test_finding_with_heatmap_published_once(pipeline_settings: Settings) -> None:
-    settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 2})
-    pipeline = DetectionPipeline(settings)
-    # The same image twice: the first frame stays the peak, and it got a heatmap within the rate.
-    first = jpeg_frame(0, utc_now())
-    second = jpeg_frame(1, first.captured_at + timedelta(milliseconds=33), seed=-1)
-    assert pipeline.process_batch([first.to_bytes()]).findings == []
+def heatmap_count(outcome: str) -> float:
+    return metrics.HEATMAPS.labels(outcome=outcome)._value.get()
 
-    detected = pipeline.detect_batch([second.to_bytes()])
+
+@pytest.mark.integration
+def test_candidate_frames_get_no_heatmap(pipeline_settings: Settings) -> None:
+    settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 3})
+    pipeline = DetectionPipeline(settings)
+    start = utc_now()
+    # The same image every frame, so each one joins the first frame's track and that frame stays its peak.
+    frames = [jpeg_frame(index, start + timedelta(milliseconds=33 * index), seed=-index) for index in range(4)]
+    unconfirmed_before = heatmap_count("unconfirmed")
+
+    candidates = [pipeline.process_batch([frame.to_bytes()]) for frame in frames[:2]]
+    detected = pipeline.detect_batch([frames[2].to_bytes()])
     output = pipeline.explain_batch(detected)
+    later = pipeline.process_batch([frames[3].to_bytes()])
     pipeline.close()
 
+    assert [output.findings for output in candidates] == [[], []]
+    assert all(output.outcomes[0].heatmap_key is None for output in candidates)
+    assert heatmap_count("unconfirmed") - unconfirmed_before == 2
     (confirmed,) = detected.confirmed
-    assert confirmed.representative_sequence == 0
-    assert confirmed.heatmap_key == heatmap_key(first)
-    assert output.findings == []
+    assert (confirmed.representative_sequence, confirmed.heatmap_key) == (0, None)
+    # The finding's first frame gets its heatmap through the finding; the confirming frame is within the rate.
+    (repeated,) = output.findings
+    assert repeated.heatmap_key == heatmap_key(frames[0])
+    assert output.outcomes[0].heatmap_key == heatmap_key(frames[2])
+    # The next frame of the finding comes 33 ms later, over the rate of 2 per second.
+    assert later.outcomes[0].heatmap_key is None
+    assert later.findings == []
 
 
 # Through Kafka: the detection worker as a child process.
@@ -461,11 +481,54 @@ def test_benchmark_figures_from_records() -> None:
     assert first["ttfd_ms"] == pytest.approx(360.0)
     assert first["first_flagged"] == 3
     assert first["opened_on_frame"] == 5
+    assert first["published_after_ms"] == pytest.approx(60.0)
+    assert figures["published_after_median_ms"] == pytest.approx(60.0)
     assert second["ttfd_ms"] is None
     assert figures["ttfd_median_ms"] == pytest.approx(360.0)
     # Only the polyp's finding opened without a heatmap and was repeated with it.
     assert figures["finding_heatmap_after_ms"]["count"] == 1
     assert figures["finding_heatmap_after_ms"]["p50"] == pytest.approx(40.0)
+
+
+def test_benchmark_page_renders_figures() -> None:
+    records = PipelineRecords(results=[(bench_result(i, 3 <= i <= 6, 100 * i), 100 * i + 40) for i in range(10)])
+    records.findings = [(bench_finding(3, 5, "open", uuid.uuid4()), 560)]
+    truth = {"frame_count": 10, "episodes": [{"first_frame": 2, "last_frame": 6}]}
+    latency = {"p50": 10.0, "p95": 12.0, "p99": 13.0}
+    config = {
+        "seed": 11,
+        "seconds": 1.0,
+        "fps": 10.0,
+        "size": 256,
+        "batch_size": 8,
+        "batch_wait_ms": 1.0,
+        "latency_budget_ms": 500.0,
+        "heatmaps_per_s": 2.0,
+        "threshold": 0.5,
+        "track_min_frames": 3,
+        "track_confirm_window_s": 0.2,
+        "track_max_gap_s": 1.0,
+    }
+    report = {
+        "date": "2026-12-05 06:00 UTC",
+        "command": "crc-medai benchmark-detection",
+        "machine": {"cores": "2"},
+        "model": "polyp-unet 0.0.1 (test.pt)",
+        "config": config,
+        "bare": {"single_frame_ms": latency, "heatmap_ms": latency, "single_frame_fps": 90.0, "batch8_fps": 100.0},
+        "pipeline": pipeline_figures(records, truth),
+        "demo_findings": [],
+        "demo_findings_matched": 0,
+        "notes": [],
+    }
+
+    page = render_page(report)
+
+    # The finding opened on frame 5, captured at 500 ms and published at 560 ms; the episode began at 200 ms.
+    assert "| 2-6 | 3 | 5 | 60.0 | 360.0 |" in page
+    assert "| open finding after the capture of the frame that opened it, median (ms) | 60.0 |" in page
+    assert "a median of 60 ms after the capture of the frame that opened the finding" in page
+    assert "| time to first detection, median <= 200 ms | 360.0 ms | **not met** |" in page
 
 
 def test_tracker_tradeoff_replays_results() -> None:

@@ -64,6 +64,21 @@ def test_one_polyp_gives_one_finding() -> None:
     assert closed.first_seen < closed.last_seen
 
 
+def test_confirms_only_frames_of_findings() -> None:
+    tracker = FindingTracker(min_frames_to_open=3)
+    frames = [result(0, 0.9, BOX), result(1, 0.9, BOX), result(2, 0.9, BOX), result(3, 0.9, FAR_BOX)]
+    confirmed = []
+    for item in frames:
+        tracker.update(item)
+        confirmed.append(tracker.confirms(item))
+
+    # Frames 0 and 1 are a candidate's, frame 2 opens the finding, frame 3 starts a new candidate elsewhere.
+    assert confirmed == [False, False, True, False]
+    assert tracker.confirms(result(4, 0.9, BOX)) is False
+    tracker.update(result(4, 0.9, BOX))
+    assert tracker.confirms(result(4, 0.9, BOX)) is True
+
+
 def test_missed_frames_inside_gap_keep_one_finding() -> None:
     tracker = FindingTracker(max_gap_s=0.5, min_frames_to_open=2)
     # 12 missed frames (0.4 s at 33 ms) between two runs of one polyp that moved a little.

@@ -15,17 +15,19 @@ finding reaches downstream systems without waiting for Grad-CAM:
        gap in coverage reaches the DiagnosticReport.
     3. The other frames go through the model in one forward pass.
     4. The finding tracker takes each result in record order. The ``open``
-       events it emits are ready to publish at once, with the heatmap of their
-       representative frame when an earlier batch computed it, without one
-       otherwise.
+       events it emits are ready to publish at once, without a heatmap.
 
 ``DetectionPipeline.explain_batch``
-    5. A flagged frame gets a Grad-CAM heatmap only while its procedure is within
-       ``heatmaps_per_s`` (counted on capture time). The representative (peak)
-       frame of every finding event always gets one, from a copy of that frame
-       kept while it is a track's peak.
-    6. An ``open`` event that went out without its heatmap is repeated, still
-       ``open``, with the heatmap; other events wait for their heatmap.
+    5. A flagged frame of a finding gets a Grad-CAM heatmap only while its
+       procedure is within ``heatmaps_per_s`` (counted on capture time). A
+       flagged frame of a candidate that no finding confirms yet gets none,
+       because it may be a stray flag that never reaches a clinician, and its
+       heatmap would delay the frames behind it, among them the frame that
+       confirms a finding. The representative (peak) frame of every
+       finding event always gets a heatmap, from a copy of that frame kept
+       while it is a track's peak.
+    6. Each ``open`` event is repeated, still ``open``, with its heatmap; other
+       events wait for their heatmap.
 
 The pipeline blocks; the Faust agent runs it in a worker thread.
 """
@@ -185,7 +187,7 @@ class DetectedBatch:
     flagged_frames: dict[FrameId, _KeptFrame] = field(default_factory=dict)
     """The batch's flagged frames, kept for their heatmaps."""
     within_rate: list[FrameId] = field(default_factory=list)
-    """The flagged frames that the heatmap rate allows."""
+    """The flagged frames of findings that the heatmap rate allows."""
 
     @property
     def confirmed(self) -> list[PolypFinding]:
@@ -252,6 +254,8 @@ class DetectionPipeline:
                 batch.outcomes.append(outcome)
                 if isinstance(outcome, DetectionResult):
                     batch.findings += [self._stamp_stale(event) for event in self.tracker.update(outcome)]
+                    if outcome.flagged:
+                        self._budget_heatmap(batch, outcome)
             # Any flagged frame of the batch may be the peak of a track from now on.
             self._kept.update(batch.flagged_frames)
             self._forget_frames()
@@ -260,9 +264,10 @@ class DetectionPipeline:
     def explain_batch(self, batch: DetectedBatch) -> BatchOutput:
         """Compute the batch's heatmaps and return its results and the finding events still to publish.
 
-        Those are the ``open`` events that ``batch.confirmed`` gave without a
-        heatmap, now with it, and every other event. A frame whose heatmap fails
-        is rejected alone. A finding whose heatmap fails is published without one.
+        Those are the ``open`` events of ``batch.confirmed`` again, now with
+        their heatmap, and every other event. A frame whose heatmap fails is
+        rejected alone. A finding whose heatmap fails is published without one,
+        and its ``open`` event is not repeated.
         """
         with self._lock:
             explained: dict[FrameId, dict[str, str] | Exception] = {}
@@ -270,13 +275,10 @@ class DetectionPipeline:
                 explained[identity] = self._try_explain(batch.flagged_frames[identity])
             findings = []
             for finding in batch.findings:
-                if finding.heatmap_key is None:
-                    finding = self._explain_finding(finding, batch.flagged_frames, explained)
-                    if finding.status == "open" and finding.heatmap_key is None:
-                        continue
-                elif finding.status == "open":
+                with_heatmap = self._explain_finding(finding, batch.flagged_frames, explained)
+                if finding.status == "open" and with_heatmap.heatmap_key is None:
                     continue
-                findings.append(finding)
+                findings.append(with_heatmap)
             outcomes: list[Outcome] = []
             for outcome in batch.outcomes:
                 if isinstance(outcome, DetectionResult):
@@ -361,13 +363,7 @@ class DetectionPipeline:
     ) -> DetectionResult:
         flagged = prediction.probability >= self.settings.detection_threshold
         if flagged:
-            identity = (frame.procedure_id, frame.sequence)
-            batch.flagged_frames[identity] = _KeptFrame(frame, image)
-            if self.limiter.allows(frame.procedure_id, frame.captured_at):
-                self.limiter.record(frame.procedure_id, frame.captured_at)
-                batch.within_rate.append(identity)
-            else:
-                metrics.record_heatmap("rate_limited")
+            batch.flagged_frames[frame.procedure_id, frame.sequence] = _KeptFrame(frame, image)
         return self._result(
             frame,
             polyp_probability=float(prediction.probability),
@@ -375,6 +371,16 @@ class DetectionPipeline:
             region=box_region(prediction.region) if flagged else None,
             inference_ms=inference_ms,
         )
+
+    def _budget_heatmap(self, batch: DetectedBatch, result: DetectionResult) -> None:
+        """Queue a flagged frame's heatmap when a finding confirms the frame and the procedure's rate allows it."""
+        if not self.tracker.confirms(result):
+            metrics.record_heatmap("unconfirmed")
+        elif self.limiter.allows(result.procedure_id, result.captured_at):
+            self.limiter.record(result.procedure_id, result.captured_at)
+            batch.within_rate.append((result.procedure_id, result.sequence))
+        else:
+            metrics.record_heatmap("rate_limited")
 
     def _skipped_result(self, frame: Frame, reason: str) -> DetectionResult:
         return self._result(frame, polyp_probability=0.0, flagged=False, inference_ms=0.0, skipped_reason=reason)

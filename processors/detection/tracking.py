@@ -192,6 +192,11 @@ class FindingTracker:
             tracks[:] = remaining
         return events
 
+    def confirms(self, result: DetectionResult) -> bool:
+        """Tell whether ``result``, already passed to ``update``, joined or opened a finding, not a candidate."""
+        tracks = self._tracks.get(result.procedure_id, [])
+        return any(track.opened and track.last.sequence == result.sequence for track in tracks)
+
     def open_findings(self) -> int:
         """Return the number of findings open now, candidates not counted."""
         return sum(track.opened for tracks in self._tracks.values() for track in tracks)
