@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
 from crc_medai.settings import get_settings
 from processors.detection.datasets import frame_sequences, iter_labelled_frames, read_sequence_map, split_by_sequence
@@ -26,11 +27,12 @@ from processors.detection.explain import (
     GRADCAM_DECODER_BLOCK,
     GRADCAM_STAGES_FROM_END,
     GradCamExplainer,
+    SegmentedPolypTarget,
     decoder_block,
     encoder_stage,
     last_encoder_stage,
 )
-from processors.detection.model import NetworkConfig, PolypDetector
+from processors.detection.model import MASK_THRESHOLD, NetworkConfig, PolypDetector
 from processors.detection.synth import generate_frame
 from processors.detection.train import LabelledData, TrainingConfig, VideoFrames, compress, train
 from processors.detection.train import main as train_main
@@ -300,6 +302,22 @@ def test_gradcam_heatmap_and_overlay(detector: PolypDetector) -> None:
     assert overlay.shape == (150, 200, 3)
     assert "Grad-CAM" in explanation.method
     assert "decoder block 2" in explanation.method
+
+
+def test_segmented_target_matches_grad_cam_target(detector: PolypDetector) -> None:
+    # The target takes the mask from Grad-CAM's own forward pass. grad-cam's SemanticSegmentationTarget,
+    # given the mask of a separate forward pass, must give the same heatmap.
+    image, _ = generate_frame(np.random.default_rng(6), size=256, with_polyp=True)
+    with GradCamExplainer(detector) as explainer:
+        inputs = detector.preprocess([image])
+        with torch.no_grad():
+            mask_logits, _ = detector.network(inputs)
+        segmented = (torch.sigmoid(mask_logits[0, 0]) >= MASK_THRESHOLD).numpy().astype(np.float32)
+        expected = explainer._cam(input_tensor=inputs, targets=[SemanticSegmentationTarget(0, segmented)])[0]
+        heatmap = explainer._cam(input_tensor=inputs, targets=[SegmentedPolypTarget()])[0]
+
+    assert segmented.any()
+    np.testing.assert_allclose(heatmap, expected, atol=1e-6)
 
 
 def test_gradcam_presence_target(detector: PolypDetector) -> None:

@@ -329,13 +329,18 @@ def test_candidate_frames_get_no_heatmap(pipeline_settings: Settings) -> None:
     pipeline = DetectionPipeline(settings)
     start = utc_now()
     # The same image every frame, so each one joins the first frame's track and that frame stays its peak.
-    frames = [jpeg_frame(index, start + timedelta(milliseconds=33 * index), seed=-index) for index in range(4)]
+    # Frames 0-3 come 33 ms apart. Frame 4 comes 520 ms after frame 2, past the 500 ms interval of 2 per second.
+    offsets_ms = [0, 33, 66, 99, 586]
+    frames = [
+        jpeg_frame(index, start + timedelta(milliseconds=offset), seed=-index)
+        for index, offset in enumerate(offsets_ms)
+    ]
     unconfirmed_before = heatmap_count("unconfirmed")
 
     candidates = [pipeline.process_batch([frame.to_bytes()]) for frame in frames[:2]]
     detected = pipeline.detect_batch([frames[2].to_bytes()])
     output = pipeline.explain_batch(detected)
-    later = pipeline.process_batch([frames[3].to_bytes()])
+    later = [pipeline.process_batch([frame.to_bytes()]) for frame in frames[3:]]
     pipeline.close()
 
     assert [output.findings for output in candidates] == [[], []]
@@ -343,13 +348,13 @@ def test_candidate_frames_get_no_heatmap(pipeline_settings: Settings) -> None:
     assert heatmap_count("unconfirmed") - unconfirmed_before == 2
     (confirmed,) = detected.confirmed
     assert (confirmed.representative_sequence, confirmed.heatmap_key) == (0, None)
-    # The finding's first frame gets its heatmap through the finding; the confirming frame is within the rate.
     (repeated,) = output.findings
     assert repeated.heatmap_key == heatmap_key(frames[0])
-    assert output.outcomes[0].heatmap_key == heatmap_key(frames[2])
-    # The next frame of the finding comes 33 ms later, over the rate of 2 per second.
-    assert later.outcomes[0].heatmap_key is None
-    assert later.findings == []
+    # The finding's heatmap took the rate's slot, so the frame that opened it gets none, nor does frame 3.
+    assert output.outcomes[0].heatmap_key is None
+    assert later[0].outcomes[0].heatmap_key is None
+    assert later[1].outcomes[0].heatmap_key == heatmap_key(frames[4])
+    assert [output.findings for output in later] == [[], []]
 
 
 # Through Kafka: the detection worker as a child process.

@@ -8,7 +8,7 @@ computation is done by ``pytorch_grad_cam.GradCAM`` from the ``grad-cam``
 package, with one of two targets:
 
 - ``mask`` (the default): the sum of the mask logits over the pixels that the
-  model segments as polyp (``SemanticSegmentationTarget``), at the second
+  model segments as polyp (``SegmentedPolypTarget``), at the second
   decoder block (see ``GRADCAM_DECODER_BLOCK``). When the model flags a frame
   but segments no pixel, the score sums the mask logits over the whole frame.
 - ``presence``: the presence logit of the U-Net's classification head, at an
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, SemanticSegmentationTarget
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from processors.detection.errors import DetectionError, ParameterError
 from processors.detection.model import MASK_THRESHOLD, PolypDetector, validate_frame
@@ -221,7 +221,7 @@ class GradCamExplainer:
         validate_frame(frame_bgr)
         inputs = self._detector.preprocess([frame_bgr])
 
-        cam = self._cam(input_tensor=inputs, targets=[self._target(inputs)])[0]
+        cam = self._cam(input_tensor=inputs, targets=[self._target()])[0]
         height, width = frame_bgr.shape[:2]
         heatmap = np.clip(cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0).astype(np.float32)
 
@@ -232,11 +232,24 @@ class GradCamExplainer:
             raise DetectionError(f"OpenCV could not encode the {width}x{height} Grad-CAM overlay as PNG")
         return Explanation(heatmap=heatmap, overlay_png=png.tobytes(), method=self.method)
 
-    def _target(self, inputs: torch.Tensor) -> ClassifierOutputTarget | SemanticSegmentationTarget:
+    def _target(self) -> ClassifierOutputTarget | SegmentedPolypTarget:
         if self.target == "presence":
             return ClassifierOutputTarget(0)
-        with torch.no_grad():
-            segmented = (torch.sigmoid(self._model(inputs)[0, 0]) >= MASK_THRESHOLD).cpu().numpy()
-        if not segmented.any():
-            segmented[:] = True
-        return SemanticSegmentationTarget(0, segmented.astype(np.float32))
+        return SegmentedPolypTarget()
+
+
+class SegmentedPolypTarget:
+    """Grad-CAM target: the sum of the mask logits over the pixels that the same forward pass segments as polyp.
+
+    It scores what ``SemanticSegmentationTarget`` scores with the model's own
+    mask, but takes the mask from the forward pass that Grad-CAM runs anyway,
+    which saves a second forward pass per heatmap. When no pixel is segmented,
+    it sums the mask logits over the whole frame.
+    """
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        logits = model_output[0]
+        segmented = torch.sigmoid(logits.detach()) >= MASK_THRESHOLD
+        if not bool(segmented.any()):
+            return logits.sum()
+        return (logits * segmented).sum()

@@ -25,7 +25,8 @@ finding reaches downstream systems without waiting for Grad-CAM:
        heatmap would delay the frames behind it, among them the frame that
        confirms a finding. The representative (peak) frame of every
        finding event always gets a heatmap, from a copy of that frame kept
-       while it is a track's peak.
+       while it is a track's peak. A new finding's heatmap counts against the
+       rate, so the frame that opens it gets no second heatmap.
     6. Each ``open`` event is repeated, still ``open``, with its heatmap; other
        events wait for their heatmap.
 
@@ -253,8 +254,12 @@ class DetectionPipeline:
                     outcome = self._detect_result(batch, *outcome)
                 batch.outcomes.append(outcome)
                 if isinstance(outcome, DetectionResult):
-                    batch.findings += [self._stamp_stale(event) for event in self.tracker.update(outcome)]
+                    events = self.tracker.update(outcome)
+                    batch.findings += [self._stamp_stale(event) for event in events]
                     if outcome.flagged:
+                        if any(event.status == "open" for event in events):
+                            # The new finding's heatmap, computed in explain_batch, uses the rate's next slot.
+                            self.limiter.record(outcome.procedure_id, outcome.captured_at)
                         self._budget_heatmap(batch, outcome)
             # Any flagged frame of the batch may be the peak of a track from now on.
             self._kept.update(batch.flagged_frames)
