@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     # Models
     detection_model_path: Path = REPO_ROOT / "processors" / "detection" / "weights" / "polyp_unet.pt"
     prognosis_model_path: Path = REPO_ROOT / "processors" / "prognosis" / "weights" / "recurrence_survival_catboost.cbm"
-    detection_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    detection_threshold: float = Field(
+        default=0.65, ge=0.0, le=1.0, description="Presence probability at which the detector flags a frame."
+    )
 
     # Model lifecycle: MLflow tracking and registry (crc-medai models)
     model_registry_db: Path = Field(

@@ -105,9 +105,7 @@ def detection_results(procedure_id: str, regions: list[Region | None]) -> list[D
     finding on the first flagged frame and closes it once the polyp has left.
     """
     threshold = Settings().detection_threshold
-    probabilities = (
-        [0.04, 0.06, 0.05, 0.12, 0.31] + [0.58 + 0.03 * index for index in range(len(regions))] + [0.08] * 10
-    )
+    probabilities = [0.04, 0.06, 0.05, 0.12, 0.31] + [0.7 + 0.02 * index for index in range(len(regions))] + [0.08] * 10
     padded = [None] * 5 + regions + [None] * 10
     results = []
     for sequence, (probability, region) in enumerate(zip(probabilities, padded, strict=True)):

@@ -336,7 +336,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--size", type=int, default=256, help="side of generated frames in pixels (default 256)")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="presence probability at which a frame is flagged (default 0.5)"
+        "--threshold",
+        type=float,
+        default=None,
+        help="presence probability at which a frame is flagged (default: the detection worker's,"
+        " CRC_DETECTION_THRESHOLD)",
     )
     parser.add_argument(
         "--data-dir",
@@ -401,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parse_args(argv)
     _check_args(args)
+    if args.threshold is None:
+        args.threshold = get_settings().detection_threshold
     detector = PolypDetector.load(args.weights)
 
     summary: dict = {"model": detector.name, "version": detector.version}
