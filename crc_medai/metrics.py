@@ -77,6 +77,8 @@ FRAMES_SKIPPED = Counter(
     "Video frames not run through the model, by reason (rejected: sent to the dead-letter topic).",
     ["reason"],
 )
+#: Outcomes of ``crc_heatmaps_total``: a heatmap computed, or a flagged frame left without one.
+HEATMAP_OUTCOMES = ("computed", "rate_limited", "unconfirmed")
 HEATMAPS = Counter(
     "crc_heatmaps",
     "Grad-CAM heatmaps of flagged frames by outcome (computed; rate_limited: over the per-procedure rate; "

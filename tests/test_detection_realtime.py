@@ -328,14 +328,14 @@ def test_candidate_frames_get_no_heatmap(pipeline_settings: Settings) -> None:
     settings = pipeline_settings.model_copy(update={"detection_track_min_frames": 3})
     pipeline = DetectionPipeline(settings)
     start = utc_now()
-    # The same image every frame, so each one joins the first frame's track and that frame stays its peak.
-    # Frames 0-3 come 33 ms apart. Frame 4 comes 520 ms after frame 2, past the 500 ms interval of 2 per second.
+    # The same image every frame keeps every frame on one track, with frame 0 as its peak.
+    # Frame 4 comes 520 ms after frame 2, past the rate's interval of 500 ms.
     offsets_ms = [0, 33, 66, 99, 586]
     frames = [
         jpeg_frame(index, start + timedelta(milliseconds=offset), seed=-index)
         for index, offset in enumerate(offsets_ms)
     ]
-    unconfirmed_before = heatmap_count("unconfirmed")
+    before = {outcome: heatmap_count(outcome) for outcome in ("unconfirmed", "rate_limited", "computed")}
 
     candidates = [pipeline.process_batch([frame.to_bytes()]) for frame in frames[:2]]
     detected = pipeline.detect_batch([frames[2].to_bytes()])
@@ -345,7 +345,10 @@ def test_candidate_frames_get_no_heatmap(pipeline_settings: Settings) -> None:
 
     assert [output.findings for output in candidates] == [[], []]
     assert all(output.outcomes[0].heatmap_key is None for output in candidates)
-    assert heatmap_count("unconfirmed") - unconfirmed_before == 2
+    # Frames 0 and 1 had no finding yet. Frames 2 and 3 were over the rate. Frames 0 and 4 got heatmaps.
+    assert heatmap_count("unconfirmed") - before["unconfirmed"] == 2
+    assert heatmap_count("rate_limited") - before["rate_limited"] == 2
+    assert heatmap_count("computed") - before["computed"] == 2
     (confirmed,) = detected.confirmed
     assert (confirmed.representative_sequence, confirmed.heatmap_key) == (0, None)
     (repeated,) = output.findings

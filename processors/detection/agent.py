@@ -67,6 +67,9 @@ def build_app(settings: Settings) -> faust.App:
     pipeline.model_ref = deployed.model_ref
     metrics.record_model(SERVICE, pipeline.model_ref.name, pipeline.model_ref.version)
     metrics.FRAMES_SKIPPED.labels(reason="stale")
+    # A procedure without flagged frames still shows zero heatmaps on the dashboard, not missing data.
+    for outcome in metrics.HEATMAP_OUTCOMES:
+        metrics.HEATMAPS.labels(outcome=outcome)
     logger.info(
         "detection processor ready model=%s version=%s device=%s threads=%d threshold=%s batch_size=%d "
         "batch_wait_ms=%s latency_budget_ms=%s heatmaps_per_s=%s bucket=%s",

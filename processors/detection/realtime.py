@@ -257,10 +257,13 @@ class DetectionPipeline:
                     events = self.tracker.update(outcome)
                     batch.findings += [self._stamp_stale(event) for event in events]
                     if outcome.flagged:
-                        if any(event.status == "open" for event in events):
+                        opened = [event for event in events if event.status == "open"]
+                        if opened:
                             # The new finding's heatmap, computed in explain_batch, uses the rate's next slot.
                             self.limiter.record(outcome.procedure_id, outcome.captured_at)
-                        self._budget_heatmap(batch, outcome)
+                        # A frame that is the new finding's representative gets that heatmap, counted as computed.
+                        if not any(event.representative_sequence == outcome.sequence for event in opened):
+                            self._budget_heatmap(batch, outcome)
             # Any flagged frame of the batch may be the peak of a track from now on.
             self._kept.update(batch.flagged_frames)
             self._forget_frames()
