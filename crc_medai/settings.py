@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     detection_heatmaps_per_s: float = Field(
         default=2.0,
         ge=0,
-        description="Maximum Grad-CAM heatmaps per second per procedure for flagged frames of findings, "
-        "findings' representative frames excluded.",
+        description="Maximum Grad-CAM heatmaps per second per procedure for flagged frames of findings; "
+        "a new finding's heatmap counts, later representative frames do not.",
     )
     detection_track_max_gap_s: float = Field(
         default=1.0, gt=0, description="Capture-time gap without a flagged frame that one finding tolerates (s)."
