@@ -532,7 +532,7 @@ def test_benchmark_page_renders_figures() -> None:
 
     page = render_page(report)
 
-    # The finding opened on frame 5, captured at 500 ms and published at 560 ms; the episode began at 200 ms.
+    # The finding opened on frame 5, captured at 500 ms and published at 560 ms. The episode began at 200 ms.
     assert "| 2-6 | 3 | 5 | 60.0 | 360.0 |" in page
     assert "| open finding after the capture of the frame that opened it, median (ms) | 60.0 |" in page
     assert "a median of 60 ms after the capture of the frame that opened the finding" in page

@@ -462,7 +462,7 @@ def render_page(report: dict[str, Any]) -> str:
         f"| findings / ground-truth episodes / episodes detected | {pipe['findings']} / {pipe['episodes']} /"
         f" {pipe['episodes_detected']} |",
         f"| open finding after the capture of the frame that opened it, median (ms) |"
-        f" {_ms(pipe.get('published_after_median_ms'))} |",
+        f" {_ms(pipe['published_after_median_ms'])} |",
         f"| time to first detection, median (ms) | {_ms(ttfd)} |",
         "",
         "Time to first detection per episode, from the capture of the episode's first frame to the Kafka",
@@ -557,7 +557,7 @@ def standing_notes(report: dict[str, Any]) -> list[str]:
             f" {report['config']['track_min_frames']} flagged frames."
         )
 
-    if pipe.get("published_after_median_ms") is not None:
+    if pipe["published_after_median_ms"] is not None:
         notes.append(
             f"The open event reached Kafka a median of {pipe['published_after_median_ms']:.0f} ms after the capture"
             " of the frame that opened the finding: the pipeline latency."
@@ -566,10 +566,10 @@ def standing_notes(report: dict[str, Any]) -> list[str]:
     heatmap_after = pipe["finding_heatmap_after_ms"]
     if heatmap_after["count"]:
         notes.append(
-            "An open finding goes out before Grad-CAM runs, so no time to first detection waits for a heatmap,"
-            " and the frames of a candidate that no finding confirms yet get no heatmap, so that none delays the"
-            f" frame that confirms it. For {heatmap_after['count']} finding(s) the heatmap followed in a repeated"
-            f" open event, {heatmap_after['p50']:.0f} ms later at the median."
+            "An open finding goes out before Grad-CAM runs, so no time to first detection waits for a heatmap."
+            " Frames of a candidate that no finding confirms yet get no heatmap, so none delays the frame that"
+            f" confirms it. For {heatmap_after['count']} finding(s) the heatmap followed in a repeated open event,"
+            f" {heatmap_after['p50']:.0f} ms later at the median."
         )
 
     if early:

@@ -257,13 +257,7 @@ class DetectionPipeline:
                     events = self.tracker.update(outcome)
                     batch.findings += [self._stamp_stale(event) for event in events]
                     if outcome.flagged:
-                        opened = [event for event in events if event.status == "open"]
-                        if opened:
-                            # The new finding's heatmap, computed in explain_batch, uses the rate's next slot.
-                            self.limiter.record(outcome.procedure_id, outcome.captured_at)
-                        # A frame that is the new finding's representative gets that heatmap, counted as computed.
-                        if not any(event.representative_sequence == outcome.sequence for event in opened):
-                            self._budget_heatmap(batch, outcome)
+                        self._budget_heatmap(batch, outcome, events)
             # Any flagged frame of the batch may be the peak of a track from now on.
             self._kept.update(batch.flagged_frames)
             self._forget_frames()
@@ -380,8 +374,19 @@ class DetectionPipeline:
             inference_ms=inference_ms,
         )
 
-    def _budget_heatmap(self, batch: DetectedBatch, result: DetectionResult) -> None:
-        """Queue a flagged frame's heatmap when a finding confirms the frame and the procedure's rate allows it."""
+    def _budget_heatmap(self, batch: DetectedBatch, result: DetectionResult, events: list[PolypFinding]) -> None:
+        """Queue a flagged frame's heatmap when a finding confirms the frame and the procedure's rate allows it.
+
+        ``events`` are the tracker's events for this frame. A finding that it
+        opens gets its heatmap in ``explain_batch``, and that heatmap uses the
+        rate's next slot.
+        """
+        opened = [event for event in events if event.status == "open"]
+        if opened:
+            self.limiter.record(result.procedure_id, result.captured_at)
+        if any(event.representative_sequence == result.sequence for event in opened):
+            # The finding's heatmap is this frame's own, counted as computed when it is made.
+            return
         if not self.tracker.confirms(result):
             metrics.record_heatmap("unconfirmed")
         elif self.limiter.allows(result.procedure_id, result.captured_at):
