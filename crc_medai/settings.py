@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     detection_track_confirm_window_s: float = Field(
         default=0.2, gt=0, description="Capture-time window in which a track must reach its minimum frames (s)."
     )
+    detection_track_idle_close_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Clock time without a new flagged frame after which a finding closes (s), because a stream "
+        "that ends sends no frame to close it; at least detection_track_max_gap_s.",
+    )
 
     # HL7 v2 MLLP listener (crc-medai hl7-listener)
     hl7_listener_host: str = Field(default="127.0.0.1", description="Address the MLLP listener binds to.")
@@ -179,6 +185,17 @@ class Settings(BaseSettings):
         description="Base URL where the repository's model cards are published; Device resources link the card's "
         "repository path under it.",
     )
+
+    @model_validator(mode="after")
+    def _check_track_times(self) -> Settings:
+        """Reject a clock-time close shorter than the capture-time gap that a finding tolerates."""
+        if self.detection_track_idle_close_s < self.detection_track_max_gap_s:
+            raise ValueError(
+                f"detection_track_idle_close_s={self.detection_track_idle_close_s} is shorter than "
+                f"detection_track_max_gap_s={self.detection_track_max_gap_s}: a live finding would close before "
+                "the gap it tolerates; set CRC_DETECTION_TRACK_IDLE_CLOSE_S to at least the gap"
+            )
+        return self
 
     def topic(self, name: str) -> str:
         """Return the full topic name for a logical topic such as ``frames``."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
+from pydantic import ValidationError
 
+from crc_medai.settings import Settings
 from processors.detection.tracking import FindingTracker, region_iou, regions_match
 from schemas.messages import DetectionResult, ModelRef, Region, utc_now
 
@@ -186,6 +189,20 @@ def test_idle_track_closes_at_end_of_stream() -> None:
 
     assert [event.status for event in closed] == ["closed"]
     assert tracker.open_findings() == 0
+
+
+def test_idle_close_follows_settings() -> None:
+    tracker = FindingTracker.from_settings(Settings(detection_track_idle_close_s=5.0, detection_track_min_frames=2))
+    feed(tracker, [result(0, 0.9, BOX), result(1, 0.9, BOX)])
+    opened_at = time.monotonic()
+
+    assert tracker.close_idle(now=opened_at + 4.0) == []
+    assert [event.status for event in tracker.close_idle(now=opened_at + 6.0)] == ["closed"]
+
+
+def test_idle_close_shorter_than_gap_rejected() -> None:
+    with pytest.raises(ValidationError, match="CRC_DETECTION_TRACK_IDLE_CLOSE_S to at least the gap"):
+        Settings(detection_track_idle_close_s=0.5, detection_track_max_gap_s=1.0)
 
 
 def test_idle_candidate_dropped_silently() -> None:

@@ -157,6 +157,7 @@ class FindingTracker:
             max_gap_s=settings.detection_track_max_gap_s,
             min_frames_to_open=settings.detection_track_min_frames,
             confirm_window_s=settings.detection_track_confirm_window_s,
+            idle_close_s=settings.detection_track_idle_close_s,
         )
 
     def update(self, result: DetectionResult) -> list[PolypFinding]:
