@@ -155,8 +155,9 @@ class Settings(BaseSettings):
     detection_track_idle_close_s: float = Field(
         default=2.0,
         gt=0,
-        description="Clock time without a new flagged frame after which a finding closes (s), because a stream "
-        "that ends sends no frame to close it; at least detection_track_max_gap_s.",
+        description="Wall-clock time without a new flagged frame after which a finding closes (s), because a "
+        "stream that ends sends no frame to close it. It must be at least detection_track_max_gap_s. Keep a "
+        "margin above it for the time frames wait before the worker gets to them.",
     )
 
     # HL7 v2 MLLP listener (crc-medai hl7-listener)
@@ -188,12 +189,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_track_times(self) -> Settings:
-        """Reject a clock-time close shorter than the capture-time gap that a finding tolerates."""
+        """Reject a wall-clock close shorter than the capture-time gap that a finding tolerates."""
         if self.detection_track_idle_close_s < self.detection_track_max_gap_s:
             raise ValueError(
-                f"detection_track_idle_close_s={self.detection_track_idle_close_s} is shorter than "
-                f"detection_track_max_gap_s={self.detection_track_max_gap_s}: a live finding would close before "
-                "the gap it tolerates; set CRC_DETECTION_TRACK_IDLE_CLOSE_S to at least the gap"
+                f"detection_track_idle_close_s={self.detection_track_idle_close_s} is invalid because it is shorter "
+                f"than detection_track_max_gap_s={self.detection_track_max_gap_s}, so a finding would close during a "
+                f"gap that the tracker tolerates. Set CRC_DETECTION_TRACK_IDLE_CLOSE_S to at least "
+                f"{self.detection_track_max_gap_s:g} or lower CRC_DETECTION_TRACK_MAX_GAP_S."
             )
         return self
 

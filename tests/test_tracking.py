@@ -200,9 +200,22 @@ def test_idle_close_follows_settings() -> None:
     assert [event.status for event in tracker.close_idle(now=opened_at + 6.0)] == ["closed"]
 
 
-def test_idle_close_shorter_than_gap_rejected() -> None:
-    with pytest.raises(ValidationError, match="CRC_DETECTION_TRACK_IDLE_CLOSE_S to at least the gap"):
-        Settings(detection_track_idle_close_s=0.5, detection_track_max_gap_s=1.0)
+@pytest.mark.parametrize(("idle_close_s", "accepted"), [(1.0, True), (0.5, False)])
+def test_idle_close_checked_against_gap(idle_close_s: float, accepted: bool) -> None:
+    values = {"detection_track_idle_close_s": idle_close_s, "detection_track_max_gap_s": 1.0}
+
+    if accepted:
+        assert Settings(**values).detection_track_idle_close_s == idle_close_s
+    else:
+        with pytest.raises(ValidationError, match=f"detection_track_idle_close_s={idle_close_s} is invalid"):
+            Settings(**values)
+
+
+def test_raised_gap_needs_longer_idle_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRC_DETECTION_TRACK_MAX_GAP_S", "3")
+
+    with pytest.raises(ValidationError, match="at least 3 or lower CRC_DETECTION_TRACK_MAX_GAP_S"):
+        Settings()
 
 
 def test_idle_candidate_dropped_silently() -> None:
