@@ -5,6 +5,10 @@ class CrcMedAiError(Exception):
     """Root of every error CRC-MedAI raises on purpose."""
 
 
+class SettingsError(CrcMedAiError):
+    """A ``CRC_`` environment variable has an invalid value, so the command stops before it starts."""
+
+
 class InvalidMessageError(CrcMedAiError):
     """A record value could not be parsed into its message contract.
 

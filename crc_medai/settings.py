@@ -10,8 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from crc_medai.errors import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,5 +220,27 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Read the settings from the environment once per process."""
-    return Settings()
+    """Read the settings from the environment once per process.
+
+    Raises:
+        SettingsError: A ``CRC_`` variable has an invalid value. The message names each one.
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(describe_invalid_settings(error)) from None
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """Return one line per invalid setting, named by its environment variable, with the value unless it is a secret."""
+    lines = ["invalid settings in the environment. Fix these variables and start again:"]
+    for item in error.errors(include_url=False):
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:
+            lines.append(f"  {message}")
+            continue
+        field = str(item["loc"][0])
+        annotation = Settings.model_fields[field].annotation if field in Settings.model_fields else None
+        shown = "" if annotation is SecretStr else f"={item['input']!r}"
+        lines.append(f"  CRC_{field.upper()}{shown}: {message}")
+    return "\n".join(lines)
