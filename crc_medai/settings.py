@@ -240,7 +240,8 @@ def describe_invalid_settings(error: ValidationError) -> str:
             lines.append(f"  {message}")
             continue
         field = str(item["loc"][0])
-        annotation = Settings.model_fields[field].annotation if field in Settings.model_fields else None
-        shown = "" if annotation is SecretStr else f"={item['input']!r}"
-        lines.append(f"  CRC_{field.upper()}{shown}: {message}")
+        field_info = Settings.model_fields.get(field)
+        secret = field_info is not None and field_info.annotation is SecretStr
+        value_text = "" if secret else f"={item['input']!r}"
+        lines.append(f"  CRC_{field.upper()}{value_text}: {message}")
     return "\n".join(lines)

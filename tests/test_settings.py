@@ -38,6 +38,7 @@ def test_every_invalid_variable_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(lines) == 3
     assert lines[0] == "invalid settings in the environment. Fix these variables and start again:"
     assert any(line.startswith("  CRC_TOPIC_PARTITIONS='many'") for line in lines)
+    assert any(line.startswith("  CRC_DETECTION_TRACK_MAX_GAP_S='abc'") for line in lines)
 
 
 def test_cross_field_check_keeps_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
